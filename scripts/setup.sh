@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs everything keepcount needs on a fresh Debian machine, idempotently:
+# system packages (apt-get as root, or through sudo) without starting their
+# services, then the Python virtualenv in .venv with keepcount and its test
+# tools.  Fast when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages keepcount uses.  redis-server/redis-tools: the peer of
+# `keepcount bench` (Redis INCR with appendfsync always).
+APT_PACKAGES=(python3 python3-venv python3-pip redis-server redis-tools)
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"
+  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+  else echo "setup: need root or sudo to run: $*" >&2; exit 1; fi
+}
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  case "$pkg" in
+    python3) command -v python3 >/dev/null 2>&1 || missing+=("$pkg") ;;
+    python3-venv) python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=("$pkg") ;;
+    python3-pip) : ;;  # only needed when python3 itself comes from apt
+    redis-server) command -v redis-server >/dev/null 2>&1 || missing+=("$pkg") ;;
+    redis-tools) command -v redis-benchmark >/dev/null 2>&1 || missing+=("$pkg") ;;
+  esac
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  # Never start system services from package scripts: keepcount starts its
+  # own servers on loopback with data under a temp dir.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
+    as_root chmod +x /usr/sbin/policy-rc.d
+  fi
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+    "${missing[@]}" >/dev/null
+fi
+
+# The virtualenv, re-synced whenever pyproject.toml changes.
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+fi
+stamp=.venv/.keepcount-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: installing keepcount and its test tools into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test]'
+  echo "$want" >"$stamp"
+fi

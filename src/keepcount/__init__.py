@@ -1,0 +1,58 @@
+"""keepcount: counters that survive crashes, restarts and node failures.
+
+    >>> import keepcount                                                 # doctest: +SKIP
+    >>> reg = keepcount.open("sqlite:///counters.db", node="node-1")     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from keepcount.errors import (
+    CardinalityError,
+    ClaimConflict,
+    ClaimError,
+    CorruptStore,
+    DefinitionConflict,
+    Fenced,
+    InvalidInput,
+    KeepcountError,
+    OutcomeUnknown,
+    RegistryClosed,
+    StoreError,
+    StoreUnavailable,
+)
+from keepcount.metrics import (
+    DEFAULT_BUCKETS,
+    Counter,
+    CounterChild,
+    Histogram,
+    HistogramChild,
+    HistogramValue,
+)
+from keepcount.registry import Registry, open
+from keepcount.totals import SeriesTotal
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_BUCKETS",
+    "CardinalityError",
+    "ClaimConflict",
+    "ClaimError",
+    "CorruptStore",
+    "Counter",
+    "CounterChild",
+    "DefinitionConflict",
+    "Fenced",
+    "Histogram",
+    "HistogramChild",
+    "HistogramValue",
+    "InvalidInput",
+    "KeepcountError",
+    "OutcomeUnknown",
+    "Registry",
+    "RegistryClosed",
+    "SeriesTotal",
+    "StoreError",
+    "StoreUnavailable",
+    "open",
+]

@@ -1,0 +1,128 @@
+"""The exceptions keepcount raises.
+
+One root, a shallow tree; every class carries a stable ``code`` that the HTTP
+layer puts in its ``{"error": {"code", "message"}}`` bodies::
+
+    KeepcountError
+    ├── InvalidInput            bad name, labels, amount, URL; nothing was changed
+    │   ├── CardinalityError    a family reached its child limit
+    │   └── DefinitionConflict  a metric re-declared with another shape
+    ├── StoreError
+    │   ├── StoreUnavailable    retryable: busy, I/O error, disk full; not written
+    │   │   └── OutcomeUnknown  the write may or may not have landed (timeouts)
+    │   └── CorruptStore        fatal: corrupt, truncated, foreign, wrong version
+    ├── ClaimError
+    │   ├── ClaimConflict       another live process holds this node id
+    │   └── Fenced              a newer incarnation (higher epoch) took over
+    └── RegistryClosed          the registry was closed
+
+Driver errors are translated at the store seam with ``raise X from exc``.  A
+caller that records histories (Jepsen style) treats ``OutcomeUnknown`` as
+*info* (maybe counted) and every other ``KeepcountError`` from ``commit()`` as
+*fail* (not counted; the increments stay in memory and are retried by the
+next flush).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CardinalityError",
+    "ClaimConflict",
+    "ClaimError",
+    "CorruptStore",
+    "DefinitionConflict",
+    "Fenced",
+    "InvalidInput",
+    "KeepcountError",
+    "OutcomeUnknown",
+    "RegistryClosed",
+    "StoreError",
+    "StoreUnavailable",
+]
+
+
+class KeepcountError(Exception):
+    """Root of every error keepcount raises on purpose."""
+
+    code = "keepcount_error"
+
+
+class InvalidInput(KeepcountError, ValueError):
+    """A name, label, amount, URL or option was rejected; nothing changed."""
+
+    code = "invalid_input"
+
+
+class CardinalityError(InvalidInput):
+    """A metric family already holds its maximum number of label sets."""
+
+    code = "too_many_label_sets"
+
+
+class DefinitionConflict(InvalidInput):
+    """A metric was declared again with another kind, label names or buckets."""
+
+    code = "definition_conflict"
+
+
+class StoreError(KeepcountError):
+    """The store failed; see the subclasses for what the caller may assume."""
+
+    code = "store_error"
+
+
+class StoreUnavailable(StoreError):
+    """The store could not be written or read now (busy, I/O error, disk full).
+
+    Nothing of the failed operation was made durable; retrying is safe.
+    """
+
+    code = "store_unavailable"
+
+
+class OutcomeUnknown(StoreUnavailable):
+    """A write was sent but its outcome is unknown (e.g. a timeout).
+
+    Writes of absolute values are idempotent, so the values stay dirty and the
+    next flush writes them again; the waiters were not acknowledged.
+    """
+
+    code = "outcome_unknown"
+
+
+class CorruptStore(StoreError):
+    """The store is corrupt, truncated, foreign or of an unknown format.
+
+    keepcount refuses it rather than starting from zero; the message names the
+    file (or keyspace) and the problem.
+    """
+
+    code = "corrupt_store"
+
+
+class ClaimError(KeepcountError):
+    """The node id could not be claimed or the claim was lost."""
+
+    code = "claim_error"
+
+
+class ClaimConflict(ClaimError):
+    """Another live process holds the claim on this node id."""
+
+    code = "claim_conflict"
+
+
+class Fenced(ClaimError):
+    """A newer incarnation of this node id (higher epoch) holds the claim.
+
+    The registry stops acknowledging for good: every later ``commit()`` raises
+    this error, and no write of this incarnation reaches the store any more.
+    """
+
+    code = "fenced"
+
+
+class RegistryClosed(KeepcountError):
+    """The registry was closed; open a new one."""
+
+    code = "registry_closed"

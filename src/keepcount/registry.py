@@ -1,0 +1,304 @@
+"""The registry: a node's metric families, restored on open, made durable by commit.
+
+Example::
+
+    import keepcount
+    reg = keepcount.open("sqlite:///counters.db", node="node-1")   # claims + restores
+    hits = reg.counter("http_requests_total", "Requests", labelnames=["route"])
+    hits.labels(route="/").inc()      # memory only
+    reg.commit_sync()                 # every earlier inc() is now durable
+    reg.close()
+
+Invariants:
+
+- Open = claim, then restore, then serve: the constructor returns only once
+  the node id is claimed (with an epoch higher than any earlier one) and
+  every stored value of the node is loaded; a family declared later picks up
+  its stored values.
+- A value never goes backwards: restored values are the last durable ones,
+  and no other live process can write this node's rows (the claim).
+- ``commit()`` returning means durable (``commit.GroupCommit``); raising
+  means not acknowledged.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+from keepcount.commit import DEFAULT_FLUSH_INTERVAL, GroupCommit
+from keepcount.errors import CorruptStore, RegistryClosed
+from keepcount.metrics import (
+    DEFAULT_BUCKETS,
+    DEFAULT_MAX_CHILDREN,
+    MAX_VALUE,
+    Counter,
+    Histogram,
+    HistogramValue,
+    MetricFamily,
+    _Shared,
+    counter_def,
+    histogram_def,
+)
+from keepcount.naming import check_node_id
+from keepcount.stores import open_store
+from keepcount.stores.base import FamilyDef, SeriesRow, SeriesValue, Store
+from keepcount.totals import SeriesTotal, cluster_totals
+
+__all__ = ["Registry", "open"]
+
+_open_registries: weakref.WeakSet[Registry] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    # Normal interpreter exit flushes; only a crash loses the last interval.
+    for reg in list(_open_registries):
+        try:
+            reg.close()
+        except Exception:  # noqa: BLE001, S110 - exit must go on
+            pass
+
+
+def open(  # noqa: A001 - the public name in DESIGN §3
+    url: str,
+    node: str,
+    *,
+    flush_interval: float | None = DEFAULT_FLUSH_INTERVAL,
+    max_children: int | None = DEFAULT_MAX_CHILDREN,
+    epoch: int | None = None,
+) -> Registry:
+    """Open the store at ``url``, claim ``node`` and restore its values.
+
+    ``epoch`` comes from a coordinator when one issues the claim; without it
+    the store issues the next epoch itself.  Raises ``ClaimConflict`` if
+    another live process holds ``node``, ``CorruptStore`` for a damaged or
+    foreign store, ``StoreUnavailable`` if it cannot be reached.
+    """
+    check_node_id(node)
+    store = open_store(url)
+    try:
+        return Registry(
+            store, node, flush_interval=flush_interval, max_children=max_children, epoch=epoch
+        )
+    except BaseException:
+        store.close()
+        raise
+
+
+class Registry:
+    """A node's counters and histograms, backed by a store.
+
+    Thread-safe; ``inc()`` never does I/O.  Use ``await commit()`` in asyncio
+    code and ``commit_sync()`` in threads.  The registry owns the store it is
+    given and closes it in ``close()``.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        node: str,
+        *,
+        flush_interval: float | None = DEFAULT_FLUSH_INTERVAL,
+        max_children: int | None = DEFAULT_MAX_CHILDREN,
+        epoch: int | None = None,
+    ) -> None:
+        self.node = check_node_id(node)
+        self.store = store
+        self.max_children = max_children
+        self._lock = threading.Lock()
+        self._group = GroupCommit(
+            self._lock, self._write, interval=flush_interval, name=f"keepcount-flush-{node}"
+        )
+        self._shared = _Shared(self._lock, self._group.dirty, self._group.meta_dirty)
+        self._families: dict[str, MetricFamily[Any]] = {}
+        self._closed = False
+        started = time.perf_counter()
+        self.epoch = store.claim(node, epoch)
+        try:
+            snapshot = store.load(node)
+            for name, definition in snapshot.families.items():
+                values = snapshot.values.get(name, {})
+                _check_restored(store, definition, values)
+                self._families[name] = self._family(definition, values, max_children)
+        except BaseException:
+            store.release(node, self.epoch)
+            raise
+        self.restored_series = snapshot.series_count()
+        self.restore_seconds = time.perf_counter() - started
+        self._group.start()
+        _open_registries.add(self)
+
+    # -- families --------------------------------------------------------------
+
+    def counter(
+        self,
+        name: str,
+        help: str = "",
+        labelnames: Sequence[str] = (),
+        *,
+        max_children: int | None = None,
+    ) -> Counter:
+        """Declare (or get) a counter family; its stored values come back with it."""
+        family = self._declare(counter_def(name, help, labelnames), max_children)
+        assert isinstance(family, Counter)
+        return family
+
+    def histogram(
+        self,
+        name: str,
+        help: str = "",
+        labelnames: Sequence[str] = (),
+        *,
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
+        max_children: int | None = None,
+    ) -> Histogram:
+        """Declare (or get) a histogram family with the given bucket upper bounds."""
+        family = self._declare(histogram_def(name, help, labelnames, buckets), max_children)
+        assert isinstance(family, Histogram)
+        return family
+
+    def _declare(self, definition: FamilyDef, max_children: int | None) -> MetricFamily[Any]:
+        self._check_open()
+        with self._lock:
+            family = self._families.get(definition.name)
+            if family is None:
+                limit = self.max_children if max_children is None else max_children
+                family = self._family(definition, {}, limit)
+                self._families[definition.name] = family
+                self._group.meta_dirty.append(family)
+                return family
+        family._redefine(definition)
+        if max_children is not None:
+            family.max_children = max_children
+        return family
+
+    def _family(
+        self, definition: FamilyDef, values: dict[str, SeriesValue], limit: int | None
+    ) -> MetricFamily[Any]:
+        cls = Counter if definition.kind == "counter" else Histogram
+        return cls(self._shared, definition, max_children=limit, restored=values)
+
+    def get(self, name: str) -> MetricFamily[Any] | None:
+        """The family called ``name`` (declared or restored), or None."""
+        return self._families.get(name)
+
+    def families(self) -> list[MetricFamily[Any]]:
+        with self._lock:
+            return list(self._families.values())
+
+    # -- durability --------------------------------------------------------------
+
+    async def commit(self) -> None:
+        """Return once every ``inc()`` made before the call is durable.
+
+        Raises ``StoreUnavailable`` (not acknowledged; retried by the next
+        flush), ``Fenced`` (this incarnation lost its claim for good) or
+        ``RegistryClosed``.  Never blocks the event loop.
+        """
+        await self._group.commit()
+
+    def commit_sync(self, timeout: float | None = None) -> None:
+        """``commit()`` for threads; ``OutcomeUnknown`` if ``timeout`` passes first."""
+        self._group.commit_sync(timeout)
+
+    def _write(self, families: Sequence[FamilyDef], rows: Sequence[SeriesRow]) -> None:
+        self.store.write(self.node, self.epoch, families, rows)
+
+    @property
+    def fenced(self) -> bool:
+        """True once a newer incarnation took the node id: nothing more is acknowledged."""
+        return self._group.fatal is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def flushes(self) -> int:
+        """Successful flushes so far (each one store write)."""
+        return self._group.flushes
+
+    # -- cluster -----------------------------------------------------------------
+
+    def cluster(self, name: str | None = None) -> list[SeriesTotal]:
+        """Totals over every node in the store (dead and released ones too).
+
+        Reads the store: call it from a thread in asyncio code.
+        """
+        self._check_open()
+        return cluster_totals(self.store.read_cluster(name))
+
+    # -- closing ----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush everything, give the claim back, close the store.
+
+        Raises the final flush's error (after releasing everything) if it
+        failed: those increments were not made durable.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        _open_registries.discard(self)
+        error = self._group.close()
+        try:
+            if self._group.fatal is None:
+                self.store.release(self.node, self.epoch)
+        finally:
+            self.store.close()
+        if error is not None:
+            raise error
+
+    async def aclose(self) -> None:
+        import asyncio
+
+        await asyncio.to_thread(self.close)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RegistryClosed(f"registry of node {self.node!r} is closed")
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Registry:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<Registry node={self.node!r} epoch={self.epoch} store={self.store.url!r}>"
+
+
+def _check_restored(store: Store, definition: FamilyDef, values: dict[str, SeriesValue]) -> None:
+    """Refuse values this format cannot hold, before anything is served from them."""
+    if not values:
+        return
+    where = f"store {store.url}: {definition.name!r}"
+    if definition.kind == "counter":
+        if set(map(type, values.values())) != {int}:
+            raise CorruptStore(f"{where} holds a counter value that is not an integer")
+        low, high = min(values.values()), max(values.values())
+        if low < 0 or high > MAX_VALUE:  # type: ignore[operator]
+            raise CorruptStore(f"{where} holds a counter value out of range ({low}..{high})")
+    else:
+        for raw in values.values():
+            try:
+                HistogramValue.decode(raw, len(definition.buckets))
+            except ValueError as exc:
+                raise CorruptStore(f"{where} holds an invalid histogram value: {exc}") from None

@@ -1,0 +1,153 @@
+"""The Store seam: what every backend (SQLite, Cassandra, Bigtable) provides.
+
+A store keeps, per node id, the *absolute* value of every series that node
+wrote, plus the node's claim epoch.  It never sees a registry or a
+coordinator: it takes plain values and an epoch number (DESIGN §4).
+
+Values are opaque to a store: an ``int`` for a counter series, a ``str`` for
+a histogram series (its encoding belongs to ``keepcount.metrics``).  A store
+returns each value exactly as it was written.
+
+Contract of each method (the conformance suite in
+``tests/integration/test_store_conformance.py`` holds every backend to it):
+
+``claim(node, epoch=None) -> int``
+    Take the node id for this store handle and return the epoch now held.
+    With ``epoch=None`` the store issues it: one more than any epoch ever
+    issued for the node, and it fences other holders itself where it can
+    (SQLite: an exclusive lock, ``ClaimConflict`` while another process holds
+    it).  With an epoch from a coordinator it records that epoch and raises
+    ``Fenced`` if a higher one is already recorded.  Once it returns, writes
+    carrying a lower epoch are refused.
+
+``load(node) -> Snapshot``
+    Every family definition and series value the node wrote, as of the last
+    successful ``write``.  Unknown node: an empty snapshot.  A damaged or
+    foreign store raises ``CorruptStore``; it never returns a partial or
+    empty result in its place.
+
+``write(node, epoch, families, series) -> None``
+    Atomically upsert family definitions and series values: all or nothing,
+    durable when it returns (SQLite: committed with ``synchronous=FULL``).
+    Idempotent: writing the same absolute values again changes nothing.
+    Raises ``Fenced`` if the node's recorded epoch is not ``epoch``,
+    ``StoreUnavailable`` if nothing was written (busy, disk full, I/O error),
+    ``OutcomeUnknown`` if it cannot tell.  A series' ``created`` time is kept
+    from its first write.
+
+``read_cluster(name=None) -> ClusterSnapshot``
+    Every node's families and series (optionally of one metric name),
+    including released and dead nodes: cluster totals are sums over all of
+    them.
+
+``nodes() -> list[NodeRecord]``
+    Every node id the store has seen, with its epoch and claim times.
+
+``release(node, epoch) -> None``
+    Give the claim back (a clean shutdown).  Does nothing if ``epoch`` is no
+    longer the node's epoch.  The epoch itself is kept: the next claim gets a
+    higher one.
+
+``close() -> None``
+    Release resources; idempotent.  Claims not released stay recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "ClusterSnapshot",
+    "FamilyDef",
+    "NodeRecord",
+    "SeriesRow",
+    "SeriesValue",
+    "Snapshot",
+    "Store",
+]
+
+SeriesValue = int | str
+"""A series' absolute value as stored: int for counters, str for histograms."""
+
+SeriesRow = tuple[str, str, SeriesValue, float]
+"""(metric name, label key, absolute value, created unix time) as written."""
+
+Kind = Literal["counter", "histogram"]
+
+
+@dataclass(frozen=True, slots=True)
+class FamilyDef:
+    """A metric family's definition as stored beside its series."""
+
+    name: str
+    kind: Kind
+    help: str
+    labelnames: tuple[str, ...]
+    buckets: tuple[float, ...] = ()
+    """Histogram upper bounds, ending with +Inf; empty for counters."""
+
+    def same_shape(self, other: FamilyDef) -> bool:
+        return (
+            self.kind == other.kind
+            and self.labelnames == other.labelnames
+            and self.buckets == other.buckets
+        )
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """One node's stored state: family definitions and raw series values."""
+
+    families: dict[str, FamilyDef] = field(default_factory=dict)
+    values: dict[str, dict[str, SeriesValue]] = field(default_factory=dict)
+    """metric name -> label key -> value."""
+
+    def series_count(self) -> int:
+        return sum(len(v) for v in self.values.values())
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    node: str
+    epoch: int
+    claimed_at: float | None
+    released_at: float | None
+
+
+@dataclass(slots=True)
+class ClusterSnapshot:
+    """Every node's state, as read in one consistent read where the store allows."""
+
+    families: dict[str, dict[str, FamilyDef]] = field(default_factory=dict)
+    """node -> metric name -> definition."""
+    rows: list[tuple[str, str, str, SeriesValue]] = field(default_factory=list)
+    """(node, metric name, label key, value)."""
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A durable home for per-node absolute values; see the module docstring."""
+
+    url: str
+
+    def claim(self, node: str, epoch: int | None = None) -> int: ...
+
+    def load(self, node: str) -> Snapshot: ...
+
+    def write(
+        self,
+        node: str,
+        epoch: int,
+        families: Sequence[FamilyDef],
+        series: Sequence[SeriesRow],
+    ) -> None: ...
+
+    def read_cluster(self, name: str | None = None) -> ClusterSnapshot: ...
+
+    def nodes(self) -> list[NodeRecord]: ...
+
+    def release(self, node: str, epoch: int) -> None: ...
+
+    def close(self) -> None: ...

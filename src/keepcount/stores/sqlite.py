@@ -1,0 +1,459 @@
+"""The embedded store: one SQLite file, shared by any number of node ids on one host.
+
+File format (``FORMAT_VERSION`` 1)
+----------------------------------
+An SQLite 3 database in WAL mode, identified by ``PRAGMA application_id =
+0x6B636E74`` ("kcnt") and ``PRAGMA user_version = 1``, with these tables::
+
+    meta(key PRIMARY KEY, value)          format = keepcount, format_version = 1
+    nodes(node PRIMARY KEY, epoch, claimed_at, released_at, pid, host)
+    families(node, name, kind, help, labelnames, buckets)   PRIMARY KEY (node, name)
+    series(node, name, labels, value, created)              PRIMARY KEY (node, name, labels)
+
+``labels`` is the JSON array of label values (``metrics.label_key``);
+``value`` is an INTEGER for a counter and the histogram encoding (TEXT) for a
+histogram; each row holds the node's *absolute* value, upserted by flushes.
+
+Durability and safety
+---------------------
+- Every write is one ``BEGIN IMMEDIATE`` transaction committed with
+  ``synchronous=FULL``: the WAL is fsynced before ``write()`` returns.
+- The file is created whole or not at all: it is built under a temporary
+  name, fsynced, hard-linked into place (never over an existing file) and its
+  directory fsynced.  So an empty or headerless file at the path was never a
+  keepcount store, and it is refused rather than reinitialised.
+- On open the header, ``application_id``, ``user_version``, schema and
+  ``PRAGMA quick_check`` are verified; any mismatch raises ``CorruptStore``
+  naming the file.  SQLite errors later on are translated: corruption ->
+  ``CorruptStore``; busy, full, I/O -> ``StoreUnavailable`` (nothing written).
+- A claim is an exclusive ``flock`` on ``<file>-locks/<node>.lock`` held for
+  the claim's lifetime (the kernel drops it when the process dies, even on
+  SIGKILL), plus an epoch in ``nodes`` that only grows.  Each write checks the
+  epoch inside its transaction, so a stale handle can never overwrite a newer
+  incarnation's values.
+
+Example::
+
+    >>> store = SQLiteStore("/tmp/counters.db")            # doctest: +SKIP
+    >>> epoch = store.claim("node-1")                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sqlite3
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from keepcount.errors import (
+    ClaimConflict,
+    CorruptStore,
+    Fenced,
+    InvalidInput,
+    KeepcountError,
+    StoreUnavailable,
+)
+from keepcount.naming import check_node_id
+from keepcount.stores.base import (
+    ClusterSnapshot,
+    FamilyDef,
+    NodeRecord,
+    SeriesRow,
+    Snapshot,
+)
+
+__all__ = ["APPLICATION_ID", "FORMAT_VERSION", "SQLiteStore"]
+
+APPLICATION_ID = 0x6B636E74  # "kcnt"
+FORMAT_VERSION = 1
+
+DEFAULT_BUSY_TIMEOUT = 5.0
+"""Seconds a write waits for another process's write lock on the same file
+before failing with ``StoreUnavailable``.  Flushes of other node ids on the
+same file take milliseconds; five seconds only runs out when something is
+wrong (a stuck process holding a transaction)."""
+
+_SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+CREATE TABLE nodes(
+    node TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL CHECK (epoch > 0),
+    claimed_at REAL,
+    released_at REAL,
+    pid INTEGER,
+    host TEXT
+) STRICT;
+CREATE TABLE families(
+    node TEXT NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('counter', 'histogram')),
+    help TEXT NOT NULL,
+    labelnames TEXT NOT NULL,
+    buckets TEXT NOT NULL,
+    PRIMARY KEY (node, name)
+) STRICT, WITHOUT ROWID;
+CREATE TABLE series(
+    node TEXT NOT NULL,
+    name TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    value ANY NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (node, name, labels)
+) STRICT, WITHOUT ROWID;
+"""
+_TABLES = {
+    "meta": ["key", "value"],
+    "nodes": ["node", "epoch", "claimed_at", "released_at", "pid", "host"],
+    "families": ["node", "name", "kind", "help", "labelnames", "buckets"],
+    "series": ["node", "name", "labels", "value", "created"],
+}
+
+_UPSERT_FAMILY = (
+    "INSERT INTO families(node, name, kind, help, labelnames, buckets) VALUES (?,?,?,?,?,?) "
+    "ON CONFLICT(node, name) DO UPDATE SET help = excluded.help"
+)
+_UPSERT_SERIES = (
+    "INSERT INTO series(node, name, labels, value, created) VALUES (?,?,?,?,?) "
+    "ON CONFLICT(node, name, labels) DO UPDATE SET value = excluded.value"
+)
+
+# Primary result codes (sqlite3.h) used to classify driver errors.
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_CORRUPT = 5, 6, 10, 11
+_SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 13, 14, 26
+_HEADER = b"SQLite format 3\x00"
+
+
+class SQLiteStore:
+    """The embedded store (``sqlite:///rel.db``, ``sqlite:////abs/path.db``).
+
+    Thread-safe: one connection, used under a lock.  Several processes may
+    open the same file; each node id has at most one live claim.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT):
+        self.path = Path(path)
+        self.url = f"sqlite:///{self.path}"
+        self._lock = threading.Lock()
+        self._claims: dict[str, tuple[int, int]] = {}  # node -> (epoch, lock fd)
+        self._closed = False
+        if not self.path.parent.is_dir():
+            raise InvalidInput(f"cannot open store {self.path}: directory {self.path.parent} does not exist")
+        if not self.path.exists():
+            self._create()
+        self._check_header()
+        self._conn = self._connect(busy_timeout)
+
+    # -- opening -------------------------------------------------------------
+
+    def _create(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.init-{uuid.uuid4().hex[:12]}")
+        try:
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                conn.execute("BEGIN")
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.executemany(
+                    "INSERT INTO meta(key, value) VALUES (?, ?)",
+                    [("format", "keepcount"), ("format_version", str(FORMAT_VERSION)),
+                     ("created_at", repr(time.time()))],
+                )
+                conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+                conn.execute("COMMIT")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                conn.close()
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, self.path)  # never replaces a file another process just made
+            except FileExistsError:
+                pass
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create store {self.path}: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot create store {self.path}: {exc}") from exc
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{tmp}{suffix}")
+
+    def _check_header(self) -> None:
+        """Refuse files that are not whole keepcount stores, before SQLite sees them."""
+        where = f"store {self.path}"
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(100)
+                size = os.fstat(f.fileno()).st_size
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read {where}: {exc}") from exc
+        if size == 0:
+            raise CorruptStore(
+                f"{where} is an empty file: truncated, or not made by keepcount "
+                "(keepcount creates its files whole); refusing to start from zero"
+            )
+        if len(head) < 100 or not head.startswith(_HEADER):
+            raise CorruptStore(f"{where} is not an SQLite database (foreign or corrupt file)")
+        (page_size,) = struct.unpack(">H", head[16:18])
+        page_size = 65536 if page_size == 1 else page_size
+        (change,) = struct.unpack(">I", head[24:28])
+        (pages,) = struct.unpack(">I", head[28:32])
+        (valid_for,) = struct.unpack(">I", head[92:96])
+        (user_version,) = struct.unpack(">i", head[60:64])
+        (app_id,) = struct.unpack(">i", head[68:72])
+        if app_id != APPLICATION_ID:
+            raise CorruptStore(
+                f"{where} is an SQLite database but not a keepcount store "
+                f"(application_id {app_id:#x}, expected {APPLICATION_ID:#x})"
+            )
+        if user_version != FORMAT_VERSION:
+            raise CorruptStore(
+                f"{where} has format version {user_version}; this keepcount reads version "
+                f"{FORMAT_VERSION}" + (" (upgrade keepcount)" if user_version > FORMAT_VERSION else "")
+            )
+        if change == valid_for and pages * page_size > size:
+            raise CorruptStore(
+                f"{where} is truncated: its header counts {pages} pages of {page_size} bytes "
+                f"({pages * page_size} bytes) but the file holds {size} bytes"
+            )
+
+    def _connect(self, busy_timeout: float) -> sqlite3.Connection:
+        where = f"store {self.path}"
+        try:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
+            )
+        except sqlite3.Error as exc:
+            raise _translate(exc, f"cannot open {where}") from exc
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreUnavailable(f"{where}: cannot use WAL journal mode (got {mode!r})")
+            conn.execute("PRAGMA synchronous=FULL")
+            problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise CorruptStore(f"{where} is corrupt: {'; '.join(problems)}")
+            tables = {
+                t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")] for t in _TABLES
+            }
+            if tables != _TABLES:
+                raise CorruptStore(f"{where} does not have keepcount's schema: {tables}")
+            meta = dict(conn.execute("SELECT key, value FROM meta"))
+            if meta.get("format") != "keepcount" or meta.get("format_version") != str(FORMAT_VERSION):
+                raise CorruptStore(f"{where} has unexpected format metadata {meta}")
+        except KeepcountError:
+            conn.close()
+            raise
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _translate(exc, f"cannot open {where}") from exc
+        return conn
+
+    # -- the Store protocol --------------------------------------------------
+
+    def claim(self, node: str, epoch: int | None = None) -> int:
+        check_node_id(node)
+        with self._lock:
+            self._check_open()
+            if node in self._claims:
+                raise ClaimConflict(f"node {node!r} is already claimed through this handle")
+            fd = self._lock_node(node)
+            try:
+                with self._txn(f"claim node {node!r}") as c:
+                    row = c.execute("SELECT epoch FROM nodes WHERE node = ?", (node,)).fetchone()
+                    stored = row[0] if row else 0
+                    if epoch is None:
+                        epoch = stored + 1
+                    elif epoch < stored:
+                        raise Fenced(
+                            f"node {node!r}: epoch {epoch} is older than the stored epoch {stored}"
+                        )
+                    c.execute(
+                        "INSERT INTO nodes(node, epoch, claimed_at, released_at, pid, host) "
+                        "VALUES (?, ?, ?, NULL, ?, ?) ON CONFLICT(node) DO UPDATE SET "
+                        "epoch = excluded.epoch, claimed_at = excluded.claimed_at, "
+                        "released_at = NULL, pid = excluded.pid, host = excluded.host",
+                        (node, epoch, time.time(), os.getpid(), socket.gethostname()),
+                    )
+            except BaseException:
+                os.close(fd)
+                raise
+            self._claims[node] = (epoch, fd)
+            return epoch
+
+    def _lock_node(self, node: str) -> int:
+        lockdir = self.path.with_name(self.path.name + "-locks")
+        path = lockdir / f"{node}.lock"
+        try:
+            lockdir.mkdir(exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot open lock file {path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ClaimConflict(
+                f"node {node!r} is already claimed on {self.path} by {holder} (lock {path})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        return fd
+
+    def load(self, node: str) -> Snapshot:
+        snap = Snapshot()
+        with self._lock, self._txn(f"load node {node!r}", write=False) as c:
+            for name, kind, help_, labelnames, buckets in c.execute(
+                "SELECT name, kind, help, labelnames, buckets FROM families WHERE node = ?", (node,)
+            ):
+                snap.families[name] = _family(self.path, name, kind, help_, labelnames, buckets)
+            for name in snap.families:
+                snap.values[name] = dict(
+                    c.execute(
+                        "SELECT labels, value FROM series WHERE node = ? AND name = ?", (node, name)
+                    )
+                )
+            (stored,) = c.execute("SELECT count(*) FROM series WHERE node = ?", (node,)).fetchone()
+        if stored != snap.series_count():
+            raise CorruptStore(
+                f"store {self.path}: node {node!r} has {stored - snap.series_count()} series "
+                "without a family definition"
+            )
+        return snap
+
+    def write(
+        self,
+        node: str,
+        epoch: int,
+        families: Sequence[FamilyDef],
+        series: Sequence[SeriesRow],
+    ) -> None:
+        with self._lock, self._txn(f"write node {node!r}") as c:
+            row = c.execute("SELECT epoch FROM nodes WHERE node = ?", (node,)).fetchone()
+            if row is None or row[0] != epoch:
+                raise Fenced(
+                    f"node {node!r}: epoch {epoch} was superseded by epoch "
+                    f"{row[0] if row else None}; write refused"
+                )
+            if families:
+                c.executemany(_UPSERT_FAMILY, [_family_row(node, f) for f in families])
+            c.executemany(_UPSERT_SERIES, [(node, *s) for s in series])
+
+    def read_cluster(self, name: str | None = None) -> ClusterSnapshot:
+        snap = ClusterSnapshot()
+        where, args = ("WHERE name = ?", (name,)) if name is not None else ("", ())
+        with self._lock, self._txn("read cluster totals", write=False) as c:
+            for node, fname, kind, help_, labelnames, buckets in c.execute(
+                f"SELECT node, name, kind, help, labelnames, buckets FROM families {where}", args
+            ):
+                fam = _family(self.path, fname, kind, help_, labelnames, buckets)
+                snap.families.setdefault(node, {})[fname] = fam
+            snap.rows = c.execute(
+                f"SELECT node, name, labels, value FROM series {where}", args
+            ).fetchall()
+        return snap
+
+    def nodes(self) -> list[NodeRecord]:
+        with self._lock, self._txn("list nodes", write=False) as c:
+            rows = c.execute(
+                "SELECT node, epoch, claimed_at, released_at FROM nodes ORDER BY node"
+            ).fetchall()
+        return [NodeRecord(*r) for r in rows]
+
+    def release(self, node: str, epoch: int) -> None:
+        with self._lock:
+            held = self._claims.pop(node, None)
+            try:
+                if not self._closed:
+                    with self._txn(f"release node {node!r}") as c:
+                        c.execute(
+                            "UPDATE nodes SET released_at = ? WHERE node = ? AND epoch = ?",
+                            (time.time(), node, epoch),
+                        )
+            finally:
+                if held is not None:
+                    os.close(held[1])  # closing the descriptor drops the flock
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for _, fd in self._claims.values():
+                os.close(fd)
+            self._claims.clear()
+            self._conn.close()
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUnavailable(f"store {self.path} is closed")
+
+    @contextlib.contextmanager
+    def _txn(self, what: str, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction; driver errors become keepcount errors naming the file."""
+        self._check_open()
+        c = self._conn
+        try:
+            c.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield c
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        c.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise _translate(exc, f"store {self.path}: {what} failed") from exc
+
+    def __repr__(self) -> str:
+        return f"<SQLiteStore {self.path}>"
+
+
+def _translate(exc: sqlite3.Error, context: str) -> KeepcountError:
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    name = getattr(exc, "sqlite_errorname", type(exc).__name__)
+    if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return CorruptStore(f"{context}: the file is corrupt ({name}: {exc})")
+    if code == _SQLITE_FULL:
+        return StoreUnavailable(f"{context}: disk or file-size limit full ({name}: {exc})")
+    return StoreUnavailable(f"{context} ({name}: {exc})")
+
+
+def _family(path: Path, name: str, kind: str, help_: str, labelnames: str, buckets: str) -> FamilyDef:
+    try:
+        names = tuple(json.loads(labelnames))
+        bounds = tuple(float(b) for b in json.loads(buckets))
+    except (ValueError, TypeError) as exc:
+        raise CorruptStore(f"store {path}: definition of {name!r} is unreadable: {exc}") from exc
+    if kind not in ("counter", "histogram"):
+        raise CorruptStore(f"store {path}: {name!r} has unknown kind {kind!r}")
+    return FamilyDef(name, kind, help_, names, bounds)  # type: ignore[arg-type]
+
+
+def _family_row(node: str, f: FamilyDef) -> tuple[Any, ...]:
+    return (node, f.name, f.kind, f.help, json.dumps(f.labelnames), json.dumps(f.buckets))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
