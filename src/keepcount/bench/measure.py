@@ -1,0 +1,45 @@
+"""Interleaved repetitions and the statistics reported from them.
+
+On a shared 2-core machine the speed of a loop swings 2-3x with CPU
+placement and neighbours.  Running ours and the peer alternately
+(A, B, A, B, ...) exposes both to the same swings, and medians ignore the
+odd repetition a neighbour spoiled.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+
+__all__ = ["interleave", "median", "percentile"]
+
+
+def interleave(
+    ours: Callable[[], float],
+    peer: Callable[[], float],
+    repeats: int,
+    on_repeat: Callable[[int], None] | None = None,
+) -> tuple[list[float], list[float]]:
+    """Call ``ours`` then ``peer``, ``repeats`` times; return both lists of figures."""
+    a: list[float] = []
+    b: list[float] = []
+    for i in range(repeats):
+        a.append(ours())
+        b.append(peer())
+        if on_repeat is not None:
+            on_repeat(i + 1)
+    return a, b
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """The nearest-rank percentile: a value that was really observed."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return float(ordered[rank - 1])
