@@ -89,11 +89,9 @@ def _amount(amount: object) -> int:
 
 
 def _observation(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        try:
-            value = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise InvalidInput(f"observation must be a number, not {value!r}") from None
+    if isinstance(value, bool | str | bytes) or not hasattr(value, "__float__"):
+        raise InvalidInput(f"observation must be a number, not {value!r}")
+    value = float(value)
     if not math.isfinite(value):
         raise InvalidInput(f"observation must be finite, not {value!r}")
     return value

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import tempfile
 import timeit
+from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
 import prometheus_client
 
 import keepcount
-from keepcount.bench.measure import interleave, median
+from keepcount.bench.measure import interleave, median, progress
 from keepcount.bench.result import BenchResult, Comparison, Report, Settings, Target
 
 __all__ = ["run"]
 
-_PEER = f"prometheus_client {prometheus_client.__version__ if hasattr(prometheus_client, '__version__') else ''}".strip()
+_PEER = f"prometheus_client {version('prometheus_client')}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,14 +68,11 @@ def run(settings: Settings, report: Report) -> BenchResult:
                 peer = timeit.Timer(case.stmt, globals=peer_ns)
                 number = _loops(peer, seconds_per_repeat)
 
-                def done(i: int, n: int = n, case: _Case = case) -> None:
-                    report(n * repeats + i, total, f"inc: {case.measure} {i}/{repeats}")
-
                 a, b = interleave(
-                    lambda t=ours, k=number: t.timeit(k) / k * 1e9,  # type: ignore[misc]
-                    lambda t=peer, k=number: t.timeit(k) / k * 1e9,  # type: ignore[misc]
+                    _sampler(ours, number),
+                    _sampler(peer, number),
                     repeats,
-                    done,
+                    progress(report, n * repeats, total, f"inc: {case.measure}", repeats),
                 )
                 result.comparisons.append(
                     Comparison(
@@ -90,6 +89,15 @@ def run(settings: Settings, report: Report) -> BenchResult:
             reg.close()
     result.notes = {"timer": "timeit, gc disabled; median of interleaved repeats"}
     return result
+
+
+def _sampler(timer: timeit.Timer, number: int) -> Callable[[], float]:
+    """One repetition: ``number`` loops, returned as nanoseconds per loop."""
+
+    def sample() -> float:
+        return timer.timeit(number) / number * 1e9
+
+    return sample
 
 
 def _loops(timer: timeit.Timer, seconds: float) -> int:

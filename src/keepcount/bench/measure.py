@@ -12,7 +12,9 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 
-__all__ = ["interleave", "median", "percentile"]
+from keepcount.bench.result import Report
+
+__all__ = ["interleave", "median", "percentile", "progress"]
 
 
 def interleave(
@@ -30,6 +32,17 @@ def interleave(
         if on_repeat is not None:
             on_repeat(i + 1)
     return a, b
+
+
+def progress(
+    report: Report, offset: int, total: int, text: str, repeats: int
+) -> Callable[[int], None]:
+    """An ``on_repeat`` for ``interleave`` that reports steps ``offset + i`` of ``total``."""
+
+    def on_repeat(i: int) -> None:
+        report(offset + i, total, f"{text} {i}/{repeats}")
+
+    return on_repeat
 
 
 def median(values: Sequence[float]) -> float:

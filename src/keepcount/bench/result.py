@@ -65,9 +65,9 @@ class Target:
         return _OPS[self.op](ratio if self.of == "ratio" else ours, self.bound)
 
     def __str__(self) -> str:
-        what = "ratio" if self.of == "ratio" else "keepcount"
-        sep = "" if self.unit == "x" else " "
-        return f"{what} {self.op} {self.bound:g}{sep}{self.unit}"
+        if self.of == "ratio":
+            return f"ratio {self.op} {self.bound:.1f}x"
+        return f"keepcount {self.op} {self.bound:g} {self.unit}"
 
 
 @dataclass(slots=True)

@@ -214,20 +214,25 @@ class SQLiteStore:
         (valid_for,) = struct.unpack(">I", head[92:96])
         (user_version,) = struct.unpack(">i", head[60:64])
         (app_id,) = struct.unpack(">i", head[68:72])
+        self._check_identity(app_id, user_version)
+        if change == valid_for and pages * page_size > size:
+            raise CorruptStore(
+                f"{where} is truncated: its header counts {pages} pages of {page_size} bytes "
+                f"({pages * page_size} bytes) but the file holds {size} bytes"
+            )
+
+    def _check_identity(self, app_id: int, user_version: int) -> None:
+        where = f"store {self.path}"
         if app_id != APPLICATION_ID:
             raise CorruptStore(
                 f"{where} is an SQLite database but not a keepcount store "
                 f"(application_id {app_id:#x}, expected {APPLICATION_ID:#x})"
             )
         if user_version != FORMAT_VERSION:
+            newer = " (upgrade keepcount)" if user_version > FORMAT_VERSION else ""
             raise CorruptStore(
                 f"{where} has format version {user_version}; this keepcount reads version "
-                f"{FORMAT_VERSION}" + (" (upgrade keepcount)" if user_version > FORMAT_VERSION else "")
-            )
-        if change == valid_for and pages * page_size > size:
-            raise CorruptStore(
-                f"{where} is truncated: its header counts {pages} pages of {page_size} bytes "
-                f"({pages * page_size} bytes) but the file holds {size} bytes"
+                f"{FORMAT_VERSION}{newer}"
             )
 
     def _connect(self, busy_timeout: float) -> sqlite3.Connection:
@@ -239,10 +244,11 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise _translate(exc, f"cannot open {where}") from exc
         try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode != "wal":
-                raise StoreUnavailable(f"{where}: cannot use WAL journal mode (got {mode!r})")
-            conn.execute("PRAGMA synchronous=FULL")
+            # Again through SQLite: the header above may predate changes still in the WAL.
+            self._check_identity(
+                conn.execute("PRAGMA application_id").fetchone()[0],
+                conn.execute("PRAGMA user_version").fetchone()[0],
+            )
             problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
             if problems != ["ok"]:
                 raise CorruptStore(f"{where} is corrupt: {'; '.join(problems)}")
@@ -254,6 +260,11 @@ class SQLiteStore:
             meta = dict(conn.execute("SELECT key, value FROM meta"))
             if meta.get("format") != "keepcount" or meta.get("format_version") != str(FORMAT_VERSION):
                 raise CorruptStore(f"{where} has unexpected format metadata {meta}")
+            # Only now that the file is known to be ours may anything be changed.
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreUnavailable(f"{where}: cannot use WAL journal mode (got {mode!r})")
+            conn.execute("PRAGMA synchronous=FULL")
         except KeepcountError:
             conn.close()
             raise

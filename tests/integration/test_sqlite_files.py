@@ -1,0 +1,259 @@
+"""Damaged, foreign and full store files are refused, never reset to zero."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import keepcount
+from keepcount import ClaimConflict, CorruptStore, Fenced, StoreUnavailable
+from keepcount.stores.sqlite import SQLiteStore
+
+
+def make_store(path: Path, series: int = 2000) -> None:
+    with keepcount.open(f"sqlite:///{path}", node="node-1", max_children=None) as reg:
+        c = reg.counter("c_total", "", ["k"])
+        for i in range(series):
+            c.labels(f"series-{i:06d}").inc(i + 1)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def refused(path: Path, match: str) -> CorruptStore:
+    before = digest(path)
+    with pytest.raises(CorruptStore, match=match) as e:
+        keepcount.open(f"sqlite:///{path}", node="node-1")
+    assert str(path) in str(e.value), "the message names the file"
+    assert digest(path) == before, "a refused file is left exactly as it was"
+    return e.value
+
+
+def test_garbage_over_a_page_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    make_store(db)
+    size = db.stat().st_size
+    with db.open("r+b") as f:
+        f.seek(size // 2 // 4096 * 4096)
+        f.write(os.urandom(4096))
+    refused(db, "corrupt|malformed")
+
+
+def test_a_truncated_file_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    make_store(db)
+    with db.open("r+b") as f:
+        f.truncate(db.stat().st_size // 2)
+    refused(db, "truncated")
+
+
+def test_an_empty_file_is_refused_not_initialised(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    db.touch()
+    refused(db, "empty file")
+    assert db.stat().st_size == 0
+
+
+def test_a_foreign_file_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    db.write_text("name,value\nx,1\n" * 20)
+    refused(db, "not an SQLite database")
+
+
+def test_another_applications_sqlite_database_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE series(node, name, labels, value)")
+    refused(db, "not a keepcount store")
+
+
+def test_an_unknown_format_version_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    make_store(db, series=3)
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA user_version = 2")
+    refused(db, "format version 2.*upgrade keepcount")
+
+
+def test_a_value_of_the_wrong_type_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    make_store(db, series=3)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE series SET value = 'many' WHERE labels = '[\"series-000001\"]'")
+    refused(db, "not an integer")
+
+
+def test_a_series_without_its_definition_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    make_store(db, series=3)
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM families")
+    refused(db, "without a family definition")
+
+
+def test_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(keepcount.InvalidInput, match="does not exist"):
+        keepcount.open(f"sqlite:///{tmp_path}/nope/c.db", node="node-1")
+
+
+@pytest.mark.parametrize("url", ["sqlite://rel.db", "sqlite:///:memory:", "redis://x", "counters.db", "sqlite:///a.db?x=1"])
+def test_bad_store_urls(url: str) -> None:
+    with pytest.raises(keepcount.InvalidInput):
+        keepcount.open(url, node="node-1")
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, keepcount
+    reg = keepcount.open(sys.argv[1], node="node-1")
+    reg.counter("c_total").inc(5)
+    reg.commit_sync()
+    print("held", reg.epoch, flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def test_a_second_process_cannot_claim_a_live_node_id(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/c.db"
+    with subprocess.Popen([sys.executable, "-c", HOLDER, url], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as holder:  # fmt: skip
+        check_exclusive_claim(url, holder)
+
+
+def check_exclusive_claim(url: str, holder: subprocess.Popen[str]) -> None:
+    try:
+        assert holder.stdout is not None
+        line = holder.stdout.readline().split()
+        assert line[0] == "held", line
+        with pytest.raises(ClaimConflict, match=f"pid {holder.pid}"):
+            keepcount.open(url, node="node-1")
+        with keepcount.open(url, node="node-2") as reg:  # other ids in the same file are free
+            reg.counter("c_total").inc()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+        with keepcount.open(url, node="node-1") as reg:  # the kernel dropped the dead holder's lock
+            assert reg.epoch == int(line[1]) + 1
+            assert reg.counter("c_total").value == 5
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_incarnation_is_fenced_even_if_its_lock_file_is_deleted(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/c.db"
+    old = keepcount.open(url, node="node-1", flush_interval=None)
+    old.counter("c_total").inc(1)
+    old.commit_sync()
+    for f in (tmp_path / "c.db-locks").iterdir():  # an operator "cleans up" lock files
+        f.unlink()
+    new = keepcount.open(url, node="node-1", flush_interval=None)
+    assert new.epoch == old.epoch + 1
+    new.counter("c_total").inc(1)
+    new.commit_sync()
+    old.counter("c_total").inc(100)
+    with pytest.raises(Fenced):
+        old.commit_sync()
+    assert old.fenced
+    old.close()
+    new.close()
+    with keepcount.open(url, node="node-1") as reg:
+        assert reg.counter("c_total").value == 2
+
+
+FILLER = textwrap.dedent(
+    """
+    import resource, signal, sys, keepcount
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails with EFBIG
+    reg = keepcount.open(sys.argv[1], node="node-1", flush_interval=None, max_children=None)
+    c = reg.counter("c_total", "", ["k"])
+    c.labels("first").inc(7)
+    reg.commit_sync()
+    size = sum(p.stat().st_size for p in __import__("pathlib").Path(sys.argv[2]).glob("c.db*"))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 64 * 1024, size + 64 * 1024))
+    for i in range(2000):
+        c.labels("x" * 900 + str(i)).inc()
+    c.labels("first").inc(1)
+    try:
+        reg.commit_sync()
+    except keepcount.StoreUnavailable as exc:
+        print("refused", exc, flush=True)
+    else:
+        print("acknowledged", flush=True)
+    print("memory", c.labels("first").value, flush=True)
+    """
+)
+
+
+def test_a_file_size_limit_fails_the_commit_and_acknowledges_nothing(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/c.db"
+    out = subprocess.run([sys.executable, "-c", FILLER, url, str(tmp_path)], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("refused"), out.stdout
+    assert "memory 8" in out.stdout
+    with keepcount.open(url, node="node-1", max_children=None) as reg:
+        fam = reg.counter("c_total", "", ["k"])
+        assert fam.labels("first").value == 7, "the refused flush left no trace"
+        assert len(fam) == 1
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real 2 MiB tmpfs, so the disk really fills up (ENOSPC)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0, (
+        f"cannot mount a tmpfs for the disk-full test ({res.stderr.strip()}): run the tests as "
+        "root (CI does) or in a container with CAP_SYS_ADMIN"
+    )
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_fails_the_commit_and_recovers_when_space_returns(small_fs: Path) -> None:
+    url = f"sqlite:///{small_fs}/c.db"
+    reg = keepcount.open(url, node="node-1", flush_interval=None, max_children=None)
+    try:
+        c = reg.counter("c_total", "", ["k"])
+        c.labels("first").inc(7)
+        reg.commit_sync()
+        filler = small_fs / "filler"
+        with filler.open("wb") as f:  # take every free byte
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        for i in range(500):
+            c.labels("y" * 500 + str(i)).inc()
+        c.labels("first").inc(1)
+        with pytest.raises(StoreUnavailable, match="full|disk"):
+            reg.commit_sync()
+        filler.unlink()
+        reg.commit_sync()  # space is back: the same values are written, none lost
+    finally:
+        reg.close()
+    with keepcount.open(url, node="node-1", max_children=None) as again:
+        fam = again.counter("c_total", "", ["k"])
+        assert fam.labels("first").value == 8
+        assert len(fam) == 501
+
+
+def test_store_refuses_use_after_close(tmp_path: Path) -> None:
+    s = SQLiteStore(tmp_path / "c.db")
+    s.close()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        s.claim("node-1")
