@@ -1,0 +1,48 @@
+"""The benchmarks of DESIGN §9, each a ratio against a peer measured in the same run.
+
+One module per benchmark, each with ``run(settings, report) -> BenchResult``:
+
+- ``inc``: in-memory increment vs prometheus_client;
+- ``durable``: acknowledged increments/s vs Redis ``INCR`` with ``appendfsync always``;
+- ``restore``: open + close with 10k..1M counters vs a bare SQLite read;
+- ``flush``: commit of 10 dirty counters among 1M vs among 10.
+
+Example::
+
+    >>> from pathlib import Path                                    # doctest: +SKIP
+    >>> result = BENCHMARKS["inc"](Settings(Path("/tmp")), lambda *a: None)  # doctest: +SKIP
+    >>> result.comparisons[0].ratio                                 # doctest: +SKIP
+    0.7
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from keepcount.bench import durable, flush, inc, restore
+from keepcount.bench.result import (
+    BenchError,
+    BenchResult,
+    Comparison,
+    Report,
+    Settings,
+    Target,
+)
+
+__all__ = [
+    "BENCHMARKS",
+    "BenchError",
+    "BenchResult",
+    "Comparison",
+    "Report",
+    "Settings",
+    "Target",
+]
+
+BENCHMARKS: dict[str, Callable[[Settings, Report], BenchResult]] = {
+    "inc": inc.run,
+    "durable": durable.run,
+    "restore": restore.run,
+    "flush": flush.run,
+}
+"""In the order ``all`` runs them: ``flush`` reuses the store ``restore`` built."""

@@ -80,7 +80,7 @@ class Comparison:
     peer: float
     peer_name: str
     target: Target | None = None
-    detail: dict[str, float] = field(default_factory=dict)
+    detail: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:

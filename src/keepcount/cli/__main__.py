@@ -1,0 +1,3 @@
+from keepcount.cli import main
+
+main()
