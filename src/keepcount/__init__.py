@@ -1,7 +1,7 @@
 """keepcount: counters that survive crashes, restarts and node failures.
 
-    >>> import keepcount                                                 # doctest: +SKIP
-    >>> reg = keepcount.open("sqlite:///counters.db", node="node-1")     # doctest: +SKIP
+>>> import keepcount                                                 # doctest: +SKIP
+>>> reg = keepcount.open("sqlite:///counters.db", node="node-1")     # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
+from itertools import pairwise
 from typing import Any, ClassVar, Generic, TypeVar
 
 from keepcount.errors import CardinalityError, DefinitionConflict, InvalidInput
@@ -82,7 +84,7 @@ def _amount(amount: object) -> int:
     """Slow path of ``inc()``: accept any integral non-negative number."""
     if isinstance(amount, bool) or not hasattr(amount, "__index__"):
         raise InvalidInput(f"amount must be a non-negative integer, not {amount!r}")
-    value = amount.__index__()
+    value = operator.index(amount)  # type: ignore[misc,unused-ignore]
     if value < 0:
         raise InvalidInput(f"amount must be a non-negative integer, not {value}")
     return value
@@ -155,6 +157,7 @@ class HistogramValue:
     """A histogram child's state: per-bucket counts (not cumulative) and sum."""
 
     __slots__ = ("counts", "sum")
+    __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __init__(self, counts: list[int], sum: float) -> None:
         self.counts = counts
@@ -481,9 +484,7 @@ def check_buckets(buckets: Sequence[float]) -> tuple[float, ...]:
         raise InvalidInput(f"histogram buckets must be numbers, got {buckets!r}") from None
     if not bounds or bounds[-1] != math.inf:
         bounds.append(math.inf)
-    if any(math.isnan(b) for b in bounds) or any(
-        a >= b for a, b in zip(bounds, bounds[1:], strict=False)
-    ):
+    if any(math.isnan(b) for b in bounds) or any(a >= b for a, b in pairwise(bounds)):
         raise InvalidInput(f"histogram buckets must be strictly increasing numbers: {buckets!r}")
     if len(bounds) < 2:
         raise InvalidInput("a histogram needs at least one finite bucket bound")

@@ -61,7 +61,7 @@ def _close_all() -> None:
     for reg in list(_open_registries):
         try:
             reg.close()
-        except Exception:  # noqa: BLE001, S110 - exit must go on
+        except Exception:  # noqa: S110 - exit must go on
             pass
 
 

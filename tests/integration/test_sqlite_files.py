@@ -105,7 +105,10 @@ def test_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
         keepcount.open(f"sqlite:///{tmp_path}/nope/c.db", node="node-1")
 
 
-@pytest.mark.parametrize("url", ["sqlite://rel.db", "sqlite:///:memory:", "redis://x", "counters.db", "sqlite:///a.db?x=1"])
+@pytest.mark.parametrize(
+    "url",
+    ["sqlite://rel.db", "sqlite:///:memory:", "redis://x", "counters.db", "sqlite:///a.db?x=1"],
+)
 def test_bad_store_urls(url: str) -> None:
     with pytest.raises(keepcount.InvalidInput):
         keepcount.open(url, node="node-1")
@@ -240,7 +243,7 @@ def test_a_full_disk_fails_the_commit_and_recovers_when_space_returns(small_fs: 
         for i in range(500):
             c.labels("y" * 500 + str(i)).inc()
         c.labels("first").inc(1)
-        with pytest.raises(StoreUnavailable, match="full|disk"):
+        with pytest.raises(StoreUnavailable, match=r"full|disk"):
             reg.commit_sync()
         filler.unlink()
         reg.commit_sync()  # space is back: the same values are written, none lost

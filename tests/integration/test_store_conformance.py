@@ -42,7 +42,12 @@ def test_invalid_node_ids_are_refused(store: Store) -> None:
 def test_write_then_load_round_trips(store: Store) -> None:
     e = store.claim("node-1")
     assert store.load("node-1").series_count() == 0
-    store.write("node-1", e, [C, H], [("c_total", '["a"]', 5, 100.0), ("h_seconds", "[]", "[1,0,0.25]", 100.0)])
+    store.write(
+        "node-1",
+        e,
+        [C, H],
+        [("c_total", '["a"]', 5, 100.0), ("h_seconds", "[]", "[1,0,0.25]", 100.0)],
+    )
     snap = store.load("node-1")
     assert snap.families == {"c_total": C, "h_seconds": H}
     assert snap.values == {"c_total": {'["a"]': 5}, "h_seconds": {"[]": "[1,0,0.25]"}}
@@ -93,7 +98,12 @@ def test_cluster_read_covers_every_node_even_released_ones(store: Store, other: 
 def test_help_updates_but_created_is_kept(store: Store) -> None:
     e = store.claim("node-1")
     store.write("node-1", e, [C], [("c_total", "[]", 1, 100.0)])
-    store.write("node-1", e, [FamilyDef("c_total", "counter", "new help", ("k",))], [("c_total", "[]", 2, 200.0)])
+    store.write(
+        "node-1",
+        e,
+        [FamilyDef("c_total", "counter", "new help", ("k",))],
+        [("c_total", "[]", 2, 200.0)],
+    )
     assert store.load("node-1").families["c_total"].help == "new help"
 
 

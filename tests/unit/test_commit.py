@@ -101,7 +101,9 @@ def test_concurrent_async_waiters_share_one_write(freg: Registry, store: FaultyS
     assert len(durable(store)) == 65
 
 
-def test_a_commit_during_a_flush_waits_for_the_next_flush(freg: Registry, store: FaultyStore) -> None:
+def test_a_commit_during_a_flush_waits_for_the_next_flush(
+    freg: Registry, store: FaultyStore
+) -> None:
     c = freg.counter("c_total", "", ["k"])
     c.labels("a").inc()
     store.gate.clear()
@@ -119,7 +121,9 @@ def test_a_commit_during_a_flush_waits_for_the_next_flush(freg: Registry, store:
     assert durable(store) == {'["a"]': 2}, "the second commit returned before a=2 was durable"
 
 
-def test_waiting_on_the_flush_in_flight_when_nothing_is_dirty(freg: Registry, store: FaultyStore) -> None:
+def test_waiting_on_the_flush_in_flight_when_nothing_is_dirty(
+    freg: Registry, store: FaultyStore
+) -> None:
     c = freg.counter("c_total", "", ["k"])
     c.labels("a").inc()
     store.gate.clear()
@@ -137,7 +141,9 @@ def test_waiting_on_the_flush_in_flight_when_nothing_is_dirty(freg: Registry, st
     assert returned.is_set() and durable(store) == {'["a"]': 1}
 
 
-def test_a_failed_flush_fails_its_waiters_and_keeps_values_dirty(freg: Registry, store: FaultyStore) -> None:
+def test_a_failed_flush_fails_its_waiters_and_keeps_values_dirty(
+    freg: Registry, store: FaultyStore
+) -> None:
     c = freg.counter("c_total", "", ["k"])
     c.labels("a").inc(5)
     store.fail = StoreUnavailable("disk on fire")

@@ -91,7 +91,9 @@ def test_child_limit_stops_label_explosions_with_a_clear_error() -> None:
 
 def test_inc_is_thread_safe() -> None:
     child = counter().labels("/", "200")
-    threads = [threading.Thread(target=lambda: [child.inc(3) for _ in range(20_000)]) for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: [child.inc(3) for _ in range(20_000)]) for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -103,13 +103,19 @@ def run(settings: Settings, report: Report) -> BenchResult:
             {"keepcount_runs": a, "redis_runs": b},
         ),
         Comparison(
-            "latency p50", "ms", median([r.p50_ms for r in ours]),
-            median([r.p50_ms for r in peer]), peer_name,
-        ),  # fmt: skip
+            "latency p50",
+            "ms",
+            median([r.p50_ms for r in ours]),
+            median([r.p50_ms for r in peer]),
+            peer_name,
+        ),
         Comparison(
-            "latency p99", "ms", median([r.p99_ms for r in ours]),
-            median([r.p99_ms for r in peer]), peer_name,
-        ),  # fmt: skip
+            "latency p99",
+            "ms",
+            median([r.p99_ms for r in ours]),
+            median([r.p99_ms for r in peer]),
+            peer_name,
+        ),
     ]
     result.notes = {
         "writers": WRITERS,

@@ -89,20 +89,12 @@ class RedisServer:
 
     def _spawn(self) -> None:
         self.port = _free_port()
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        argv += ["--dir", str(self.datadir), "--save", ""]
+        argv += ["--appendonly", "yes", "--appendfsync", "always"]
         with self.log.open("ab") as log:
             self._proc = subprocess.Popen(
-                [
-                    "redis-server",
-                    "--port", str(self.port),
-                    "--bind", "127.0.0.1",
-                    "--dir", str(self.datadir),
-                    "--appendonly", "yes",
-                    "--appendfsync", "always",
-                    "--save", "",
-                ],  # fmt: skip
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
             )
 
     def _wait_ready(self) -> bool:
@@ -128,17 +120,11 @@ class RedisServer:
 
     def benchmark(self, clients: int, requests: int, timeout: float) -> RedisRun:
         """Run ``redis-benchmark -t incr`` against this server (killed after ``timeout`` s)."""
+        argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(self.port), "-t", "incr"]
+        argv += ["-c", str(clients), "-n", str(requests), "-q", "--csv"]
         try:
             proc = subprocess.run(
-                [
-                    "redis-benchmark",
-                    "-h", "127.0.0.1",
-                    "-p", str(self.port),
-                    "-c", str(clients),
-                    "-n", str(requests),
-                    "-t", "incr",
-                    "-q", "--csv",
-                ],  # fmt: skip
+                argv,
                 capture_output=True,
                 text=True,
                 timeout=timeout,

@@ -17,7 +17,9 @@ _PLANNED = {"cassandra", "bigtable"}
 def sqlite_path(url: str) -> str:
     """The file path of a ``sqlite:///`` URL."""
     if not url.startswith("sqlite:///"):
-        raise InvalidInput(f"not an SQLite store URL: {url!r} (use sqlite:///rel.db or sqlite:////abs.db)")
+        raise InvalidInput(
+            f"not an SQLite store URL: {url!r} (use sqlite:///rel.db or sqlite:////abs.db)"
+        )
     path = url[len("sqlite:///") :]
     if not path or path == ":memory:":
         raise InvalidInput(f"store URL {url!r} names no file (an in-memory store is not durable)")
@@ -29,7 +31,9 @@ def sqlite_path(url: str) -> str:
 def open_store(url: str) -> Store:
     """Open the store a URL names; ``InvalidInput`` for an unknown or malformed URL."""
     if not isinstance(url, str) or "://" not in url:
-        raise InvalidInput(f"invalid store URL {url!r}: expected scheme://..., e.g. sqlite:///counters.db")
+        raise InvalidInput(
+            f"invalid store URL {url!r}: expected scheme://..., e.g. sqlite:///counters.db"
+        )
     scheme = url.split("://", 1)[0]
     if scheme == "sqlite":
         from keepcount.stores.sqlite import SQLiteStore

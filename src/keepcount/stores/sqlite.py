@@ -146,7 +146,9 @@ class SQLiteStore:
         self._claims: dict[str, tuple[int, int]] = {}  # node -> (epoch, lock fd)
         self._closed = False
         if not self.path.parent.is_dir():
-            raise InvalidInput(f"cannot open store {self.path}: directory {self.path.parent} does not exist")
+            raise InvalidInput(
+                f"cannot open store {self.path}: directory {self.path.parent} does not exist"
+            )
         if not self.path.exists():
             self._create()
         self._check_header()
@@ -167,8 +169,11 @@ class SQLiteStore:
                         conn.execute(stmt)
                 conn.executemany(
                     "INSERT INTO meta(key, value) VALUES (?, ?)",
-                    [("format", "keepcount"), ("format_version", str(FORMAT_VERSION)),
-                     ("created_at", repr(time.time()))],
+                    [
+                        ("format", "keepcount"),
+                        ("format_version", str(FORMAT_VERSION)),
+                        ("created_at", repr(time.time())),
+                    ],
                 )
                 conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
                 conn.execute("COMMIT")
@@ -252,13 +257,13 @@ class SQLiteStore:
             problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
             if problems != ["ok"]:
                 raise CorruptStore(f"{where} is corrupt: {'; '.join(problems)}")
-            tables = {
-                t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")] for t in _TABLES
-            }
+            tables = {t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")] for t in _TABLES}
             if tables != _TABLES:
                 raise CorruptStore(f"{where} does not have keepcount's schema: {tables}")
             meta = dict(conn.execute("SELECT key, value FROM meta"))
-            if meta.get("format") != "keepcount" or meta.get("format_version") != str(FORMAT_VERSION):
+            if meta.get("format") != "keepcount" or meta.get("format_version") != str(
+                FORMAT_VERSION
+            ):
                 raise CorruptStore(f"{where} has unexpected format metadata {meta}")
             # Only now that the file is known to be ours may anything be changed.
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -369,12 +374,14 @@ class SQLiteStore:
         where, args = ("WHERE name = ?", (name,)) if name is not None else ("", ())
         with self._lock, self._txn("read cluster totals", write=False) as c:
             for node, fname, kind, help_, labelnames, buckets in c.execute(
-                f"SELECT node, name, kind, help, labelnames, buckets FROM families {where}", args
+                f"SELECT node, name, kind, help, labelnames, buckets FROM families {where}",  # noqa: S608
+                args,
             ):
                 fam = _family(self.path, fname, kind, help_, labelnames, buckets)
                 snap.families.setdefault(node, {})[fname] = fam
             snap.rows = c.execute(
-                f"SELECT node, name, labels, value FROM series {where}", args
+                f"SELECT node, name, labels, value FROM series {where}",  # noqa: S608
+                args,
             ).fetchall()
         return snap
 
@@ -447,7 +454,9 @@ def _translate(exc: sqlite3.Error, context: str) -> KeepcountError:
     return StoreUnavailable(f"{context} ({name}: {exc})")
 
 
-def _family(path: Path, name: str, kind: str, help_: str, labelnames: str, buckets: str) -> FamilyDef:
+def _family(
+    path: Path, name: str, kind: str, help_: str, labelnames: str, buckets: str
+) -> FamilyDef:
     try:
         names = tuple(json.loads(labelnames))
         bounds = tuple(float(b) for b in json.loads(buckets))
