@@ -84,7 +84,7 @@ def _amount(amount: object) -> int:
     """Slow path of ``inc()``: accept any integral non-negative number."""
     if isinstance(amount, bool) or not hasattr(amount, "__index__"):
         raise InvalidInput(f"amount must be a non-negative integer, not {amount!r}")
-    value = operator.index(amount)  # type: ignore[misc,unused-ignore]
+    value = operator.index(amount)
     if value < 0:
         raise InvalidInput(f"amount must be a non-negative integer, not {value}")
     return value
