@@ -4,7 +4,8 @@ Protocol (all state below changes only under the registry lock):
 
 - ``inc()`` puts a child on the dirty list (once per flush).
 - ``commit()`` joins ``_next``, the batch the *next* flush will cover, and
-  wakes the flusher.  Because the flusher takes the dirty list and swaps
+  wakes the flusher.  ``commit_sync()`` with no flush in flight leads the
+  flush itself, in its own thread.  Either way one flush at a time.  Because the flusher takes the dirty list and swaps
   ``_next`` for a new batch in one step under the lock, every ``inc()`` that
   happened before a ``commit()`` is in the flush that answers it.  With
   nothing dirty, ``commit()`` waits for the flush in flight, if any; with
@@ -159,9 +160,23 @@ class GroupCommit:
             batch = self._join()
             if batch is None:
                 return
-            if batch.event is None:
-                batch.event = threading.Event()
-            event = batch.event
+            if batch is self._next and self._inflight is None and not self._closing:
+                # Lead: with no flush in flight, write in this thread rather
+                # than hand over to the flusher and back (two thread wake-ups,
+                # about as long as the write itself on SQLite).
+                taken = self._start()
+            else:
+                taken = None
+                if batch.event is None:
+                    batch.event = threading.Event()
+                event = batch.event
+        if taken is not None:
+            error = self._flush(taken[1], taken[2])
+            with self._lock:
+                self._finish(batch, taken[0], taken[1], error)
+            if error is not None:
+                raise _copy(error)
+            return
         if not event.wait(timeout):
             raise OutcomeUnknown(f"commit did not finish within {timeout} s; not acknowledged")
         if batch.error is not None:
@@ -178,20 +193,11 @@ class GroupCommit:
                 if not self._pending():
                     continue
                 closing = self._closing
-                batch, self._next = self._next, _Batch()
-                self._inflight = batch
-                children, families, rows = self._take()
+                batch = self._next
+                children, families, rows = self._start()
             error = self._flush(families, rows)
             with self._lock:
-                self._inflight = None
-                if error is not None:
-                    self.failures += 1
-                    self._put_back(children, families)
-                    if isinstance(error, Fenced):
-                        self._fatal = error
-                else:
-                    self.flushes += 1
-                self._settle(batch, error)
+                self._finish(batch, children, families, error)
                 if closing and error is not None:
                     self._close_error = error
                     break
@@ -200,19 +206,45 @@ class GroupCommit:
             closed = self._fatal or RegistryClosed("the registry was closed before this commit")
             self._settle(self._next, closed)
 
+    def _start(self) -> tuple[list[Any], list[Any], list[SeriesRow]]:
+        """Begin the flush of ``_next`` (lock held, no flush in flight).
+
+        At most one flush is in flight at a time: two concurrent writes of
+        absolute values could land out of order and put an older value last.
+        """
+        self._inflight, self._next = self._next, _Batch()
+        return self._take()
+
+    def _finish(
+        self, batch: _Batch, children: list[Any], families: list[Any], error: KeepcountError | None
+    ) -> None:
+        """End the flush in flight (lock held): account, settle, wake the flusher."""
+        self._inflight = None
+        if error is not None:
+            self.failures += 1
+            self._put_back(children, families)
+            if isinstance(error, Fenced):
+                self._fatal = error
+        else:
+            self.flushes += 1
+        self._settle(batch, error)
+        self._cv.notify()  # commits that queued behind this flush may go now
+
     def _pending(self) -> bool:
         return bool(self.dirty or self.meta_dirty)
 
     def _wait_for_work(self) -> None:
-        if self._interval is None:
-            while not (self._next.wanted or self._closing or self._fatal):
-                self._cv.wait()
-            return
-        deadline = time.monotonic() + self._interval
-        while not (self._next.wanted or self._closing or self._fatal):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        """Until a flush is wanted (or due) and none is in flight (lock held)."""
+        deadline = None if self._interval is None else time.monotonic() + self._interval
+        while True:
+            if self._fatal is not None:
                 return
+            if self._inflight is None:
+                if self._next.wanted or self._closing:
+                    return
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
             self._cv.wait(remaining)
 
     def _take(self) -> tuple[list[Any], list[Any], list[SeriesRow]]:
