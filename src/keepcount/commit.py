@@ -14,7 +14,8 @@ Protocol (all state below changes only under the registry lock):
 - The flusher writes the *absolute values* of the taken children in one
   store write, without holding the lock (the event loop and ``inc()`` never
   wait for I/O), then settles the batch: every waiter wakes, each asyncio
-  loop through a single ``call_soon_threadsafe``.  N concurrent waiters share
+  loop through a single ``call_soon_threadsafe`` resolving one future that
+  all of that loop's waiters await.  N concurrent waiters share
   one write and one fsync.
 - A failed write fails the batch's waiters (they were not acknowledged) and
   puts its children back on the dirty list, so the next flush writes them
@@ -59,17 +60,30 @@ per interval while anything changed (a few hundred microseconds on SQLite)."""
 WriteFn = Callable[[Sequence[FamilyDef], Sequence[SeriesRow]], None]
 
 
+class _Outcome(asyncio.Future[KeepcountError | None]):
+    """One future per (flush, event loop), awaited by all of that loop's waiters.
+
+    Its result is the flush's error or None; each waiter raises its own copy.
+    It refuses cancellation: one waiter's cancel must not cancel the others'
+    wait, so a cancelled ``commit()`` takes effect when the flush it waits
+    for ends (one store write at most).
+    """
+
+    def cancel(self, msg: object = None) -> bool:
+        return False
+
+
 class _Batch:
     """The waiters of one flush."""
 
-    __slots__ = ("done", "error", "event", "futures", "wanted")
+    __slots__ = ("done", "error", "event", "outcomes", "wanted")
 
     def __init__(self) -> None:
         self.wanted = False
         self.done = False
         self.error: KeepcountError | None = None
         self.event: threading.Event | None = None
-        self.futures: list[asyncio.Future[None]] = []
+        self.outcomes: dict[asyncio.AbstractEventLoop, _Outcome] = {}
 
 
 def _copy(err: KeepcountError) -> KeepcountError:
@@ -80,13 +94,9 @@ def _copy(err: KeepcountError) -> KeepcountError:
     return new
 
 
-def _settle(futures: list[asyncio.Future[None]], error: KeepcountError | None) -> None:
-    for fut in futures:
-        if not fut.done():
-            if error is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(_copy(error))
+def _resolve(outcome: _Outcome, error: KeepcountError | None) -> None:
+    if not outcome.done():
+        outcome.set_result(error)
 
 
 class GroupCommit:
@@ -151,9 +161,12 @@ class GroupCommit:
             batch = self._join()
             if batch is None:
                 return
-            fut: asyncio.Future[None] = loop.create_future()
-            batch.futures.append(fut)
-        await fut
+            outcome = batch.outcomes.get(loop)
+            if outcome is None:
+                outcome = batch.outcomes[loop] = _Outcome(loop=loop)
+        error = await outcome
+        if error is not None:
+            raise _copy(error)
 
     def commit_sync(self, timeout: float | None = None) -> None:
         with self._lock:
@@ -285,13 +298,10 @@ class GroupCommit:
         batch.error = error
         if batch.event is not None:
             batch.event.set()
-        futures, batch.futures = batch.futures, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-        for fut in futures:
-            by_loop.setdefault(fut.get_loop(), []).append(fut)
-        for loop, group in by_loop.items():
+        outcomes, batch.outcomes = batch.outcomes, {}
+        for loop, outcome in outcomes.items():
             try:
-                loop.call_soon_threadsafe(_settle, group, error)
+                loop.call_soon_threadsafe(_resolve, outcome, error)
             except RuntimeError:  # that loop is closed: nobody is waiting any more
                 pass
 

@@ -27,7 +27,7 @@ import atexit
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -194,14 +194,15 @@ class Registry:
 
     # -- durability --------------------------------------------------------------
 
-    async def commit(self) -> None:
-        """Return once every ``inc()`` made before the call is durable.
+    def commit(self) -> Coroutine[Any, Any, None]:
+        """``await reg.commit()``: return once every earlier ``inc()`` is durable.
 
         Raises ``StoreUnavailable`` (not acknowledged; retried by the next
         flush), ``Fenced`` (this incarnation lost its claim for good) or
-        ``RegistryClosed``.  Never blocks the event loop.
+        ``RegistryClosed``.  Never blocks the event loop.  Cancelling it takes
+        effect when the flush it waits for ends.
         """
-        await self._group.commit()
+        return self._group.commit()  # no wrapper coroutine: this is the hot path
 
     def commit_sync(self, timeout: float | None = None) -> None:
         """``commit()`` for threads; ``OutcomeUnknown`` if ``timeout`` passes first."""

@@ -271,3 +271,28 @@ class CommitMachine(RuleBasedStateMachine):
 
 TestCommitMachine = CommitMachine.TestCase
 TestCommitMachine.settings = settings(max_examples=40, stateful_step_count=20, deadline=None)
+
+
+def test_cancelling_one_waiter_leaves_the_others_waiting(
+    freg: Registry, store: FaultyStore
+) -> None:
+    c = freg.counter("c_total", "", ["k"])
+
+    async def main() -> None:
+        store.gate.clear()
+        c.labels("a").inc()
+        held = asyncio.ensure_future(freg.commit())
+        await asyncio.to_thread(store.entered.acquire)
+        c.labels("b").inc()
+        first, second = asyncio.ensure_future(freg.commit()), asyncio.ensure_future(freg.commit())
+        await asyncio.sleep(0)
+        first.cancel()
+        store.gate.set()
+        await held
+        await second  # not cancelled by its neighbour
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert second.done() and not second.cancelled()
+
+    asyncio.run(main())
+    assert durable(store) == {'["a"]': 1, '["b"]': 1}

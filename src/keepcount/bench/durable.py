@@ -101,6 +101,7 @@ def run(settings: Settings, report: Report) -> BenchResult:
             peer_name,
             TARGET,
             {"keepcount_runs": a, "redis_runs": b},
+            f"{ops / flushes:.1f} increments per flush (fsync)" if flushes else "",
         ),
         Comparison(
             "latency p50",

@@ -63,6 +63,7 @@ def run(settings: Settings, report: Report) -> BenchResult:
             f"registry of {DIRTY} counters",
             TARGET,
             {"mean_ms": sum(a) / len(a), "peer_mean_ms": sum(b) / len(b)},
+            f"{iterations} commits each",
         )
     )
     result.comparisons.append(
@@ -74,6 +75,7 @@ def run(settings: Settings, report: Report) -> BenchResult:
             f"registry of {DIRTY} counters",
             None,
             {"max_ms": max(a), "peer_max_ms": max(b)},
+            f"max {max(a):.2f} ms vs {max(b):.2f} ms",
         )
     )
     result.notes = {"iterations": iterations, "dirty_per_commit": DIRTY, **flushes}

@@ -82,6 +82,10 @@ def _compare(path: Path, n: int, repeats: int, on_repeat: Callable[[int], None])
 
     a, b = interleave(ours, peer, repeats, on_repeat)
     store_open = [o - r for o, r in zip(open_seconds, restore_seconds, strict=True)]
+    note = (
+        f"restore_seconds {median(restore_seconds):.3f} s, "
+        f"store open+check {median(store_open):.3f} s"
+    )
     return Comparison(
         f"{n:,} counters",
         "s",
@@ -97,6 +101,7 @@ def _compare(path: Path, n: int, repeats: int, on_repeat: Callable[[int], None])
             "repeats": repeats,
             "store_mb": path.stat().st_size / 1e6,
         },
+        note,
     )
 
 

@@ -81,6 +81,9 @@ class Comparison:
     peer_name: str
     target: Target | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    """Machine-readable extras, written to the JSON."""
+    note: str = ""
+    """A short human-readable aside for the table (e.g. a breakdown)."""
 
     @property
     def ratio(self) -> float:
@@ -101,6 +104,7 @@ class Comparison:
             "target": None if self.target is None else str(self.target),
             "met": self.met,
             "detail": self.detail,
+            "note": self.note,
         }
 
 

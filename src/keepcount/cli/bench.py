@@ -9,6 +9,7 @@ error: benchmarks measure, tests assert.  A missing peer (Redis) is.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -61,7 +62,12 @@ def bench(which: str, quick: bool, out: Path | None, duration: float | None) -> 
             require_tools()  # before minutes of other benchmarks, not after
         except BenchError as exc:
             raise click.ClickException(str(exc)) from None
+    # SIGTERM (a CI timeout, `kill`) must still stop Redis and remove the
+    # temp dir: turn it into SystemExit so every `finally` runs.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 120))  # logs and files: no wrapping
     with tempfile.TemporaryDirectory(prefix="keepcount-bench-") as tmp:
         settings = Settings(Path(tmp), quick, duration or (0.5 if quick else 5.0))
         machine = describe(settings.workdir)
@@ -79,6 +85,10 @@ def bench(which: str, quick: bool, out: Path | None, duration: float | None) -> 
         }
         out.write_text(json.dumps(doc, indent=2) + "\n")
         console.print(f"results written to {out}")
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _run_all(console: Console, names: list[str], settings: Settings) -> list[BenchResult]:
@@ -127,7 +137,7 @@ def _header(console: Console, machine: dict[str, Any], settings: Settings) -> No
 
 def _table(result: BenchResult) -> Table:
     table = Table(title=f"{result.title}  ({result.seconds:.1f} s)", title_justify="left")
-    for col in ("measure", "keepcount", "peer", "ratio", "target", "met", "detail"):
+    for col in ("measure", "keepcount", "peer", "ratio", "target", "met", "note"):
         table.add_column(col, justify="right" if col in ("keepcount", "peer", "ratio") else "left")
     for c in result.comparisons:
         table.add_row(
@@ -137,7 +147,7 @@ def _table(result: BenchResult) -> Table:
             f"{c.ratio:.2f}x",
             "" if c.target is None else str(c.target),
             _met(c),
-            _detail(c.detail),
+            c.note,
         )
     peers = sorted({c.peer_name for c in result.comparisons})
     notes = ", ".join(f"{k}={_scalar(v)}" for k, v in result.notes.items() if _is_scalar(v))
@@ -148,12 +158,13 @@ def _table(result: BenchResult) -> Table:
 
 def _summary(results: list[BenchResult]) -> Table:
     table = Table(title="targets", title_justify="left")
-    for col in ("benchmark", "measure", "ratio", "target", "met"):
-        table.add_column(col)
+    for col in ("benchmark", "measure", "keepcount", "ratio", "target", "met"):
+        table.add_column(col, justify="right" if col in ("keepcount", "ratio") else "left")
     for r in results:
         for c in r.comparisons:
             if c.target is not None:
-                table.add_row(r.name, c.measure, f"{c.ratio:.2f}x", str(c.target), _met(c))
+                figure, ratio = _figure(c.ours, c.unit), f"{c.ratio:.2f}x"
+                table.add_row(r.name, c.measure, figure, ratio, str(c.target), _met(c))
     return table
 
 
@@ -175,12 +186,8 @@ def _met(c: Comparison) -> str:
     return "[green]met[/green]" if c.met else "[red]not met[/red]"
 
 
-def _detail(detail: dict[str, Any]) -> str:
-    return " ".join(f"{k}={_scalar(v)}" for k, v in detail.items() if _is_scalar(v))
-
-
 def _is_scalar(value: object) -> bool:
-    return isinstance(value, int | float | str)
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _scalar(value: object) -> str:

@@ -1,0 +1,73 @@
+"""`keepcount bench all --quick` runs end to end and reports every benchmark.
+
+Speed is not asserted here (benchmarks measure it, on a quiet machine);
+this only checks that every benchmark ran against its peer and produced
+positive figures, so the benchmarks cannot rot unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = ("inc", "durable", "restore", "flush")
+INSTALL = "run scripts/setup.sh (apt-get install redis-server redis-tools)"
+
+
+def _keepcount() -> list[str]:
+    script = Path(sys.executable).with_name("keepcount")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from keepcount.cli import main; main()"]
+
+
+def test_bench_all_quick_reports_every_benchmark(tmp_path: Path) -> None:
+    for tool in ("redis-server", "redis-cli", "redis-benchmark"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} not found: {INSTALL}")
+    out = tmp_path / "b.json"
+    proc = subprocess.run(
+        [*_keepcount(), "bench", "all", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["quick"] is True
+    assert doc["machine"]["nproc"] >= 1
+    assert sorted(doc["benchmarks"]) == sorted(BENCHMARKS)
+    for name in BENCHMARKS:
+        result = doc["benchmarks"][name]
+        assert result["comparisons"], name
+        for c in result["comparisons"]:
+            where = f"{name}: {c['measure']}"
+            assert c["keepcount"] > 0, where
+            assert c["peer"] > 0, where
+            assert c["ratio"] > 0, where
+            assert c["peer_name"], where
+            assert c["met"] in (True, False, None), where
+
+
+def test_bench_durable_reports_group_commit(tmp_path: Path) -> None:
+    """The durable figure is backed by flushes that each acknowledged increments."""
+    out = tmp_path / "d.json"
+    proc = subprocess.run(
+        [*_keepcount(), "bench", "durable", "--quick", "--duration", "0.2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    notes = json.loads(out.read_text())["benchmarks"]["durable"]["notes"]
+    assert notes["flushes"] > 0
+    assert notes["increments"] >= notes["flushes"]
+    assert notes["writers"] == 64
