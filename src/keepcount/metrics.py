@@ -238,8 +238,11 @@ class HistogramChild:
             value = _observation(value)
         i = bisect_left(self._upper, value)
         with self._lock:
+            total = self._sum + value
+            if total - total != 0:  # inf or nan: the sum could no longer be stored
+                raise InvalidInput(f"{self.family.name}: observation {value!r} overflows the sum")
             self._counts[i] += 1
-            self._sum += value
+            self._sum = total
             if not self._dirty:
                 self._dirty = True
                 self._mark(self)

@@ -32,14 +32,12 @@ from types import TracebackType
 from typing import Any
 
 from keepcount.commit import DEFAULT_FLUSH_INTERVAL, GroupCommit
-from keepcount.errors import CorruptStore, RegistryClosed
+from keepcount.errors import RegistryClosed
 from keepcount.metrics import (
     DEFAULT_BUCKETS,
     DEFAULT_MAX_CHILDREN,
-    MAX_VALUE,
     Counter,
     Histogram,
-    HistogramValue,
     MetricFamily,
     _Shared,
     counter_def,
@@ -124,7 +122,6 @@ class Registry:
             snapshot = store.load(node)
             for name, definition in snapshot.families.items():
                 values = snapshot.values.get(name, {})
-                _check_restored(store, definition, values)
                 self._families[name] = self._family(definition, values, max_children)
         except BaseException:
             store.release(node, self.epoch)
@@ -284,22 +281,3 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"<Registry node={self.node!r} epoch={self.epoch} store={self.store.url!r}>"
-
-
-def _check_restored(store: Store, definition: FamilyDef, values: dict[str, SeriesValue]) -> None:
-    """Refuse values this format cannot hold, before anything is served from them."""
-    if not values:
-        return
-    where = f"store {store.url}: {definition.name!r}"
-    if definition.kind == "counter":
-        if set(map(type, values.values())) != {int}:
-            raise CorruptStore(f"{where} holds a counter value that is not an integer")
-        low, high = min(values.values()), max(values.values())
-        if low < 0 or high > MAX_VALUE:  # type: ignore[operator]
-            raise CorruptStore(f"{where} holds a counter value out of range ({low}..{high})")
-    else:
-        for raw in values.values():
-            try:
-                HistogramValue.decode(raw, len(definition.buckets))
-            except ValueError as exc:
-                raise CorruptStore(f"{where} holds an invalid histogram value: {exc}") from None

@@ -26,7 +26,11 @@ def make_store(path: Path, series: int = 2000) -> None:
 
 
 def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The file and its WAL: a write that has not been checkpointed lives in the WAL."""
+    h = hashlib.sha256(path.read_bytes())
+    wal = path.with_name(path.name + "-wal")
+    h.update(wal.read_bytes() if wal.exists() else b"")
+    return h.hexdigest()
 
 
 def refused(path: Path, match: str) -> CorruptStore:
@@ -89,7 +93,7 @@ def test_a_value_of_the_wrong_type_is_refused(tmp_path: Path) -> None:
     make_store(db, series=3)
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE series SET value = 'many' WHERE labels = '[\"series-000001\"]'")
-    refused(db, "not an integer")
+    refused(db, "counter c_total.*type text")
 
 
 def test_a_series_without_its_definition_is_refused(tmp_path: Path) -> None:
@@ -98,6 +102,15 @@ def test_a_series_without_its_definition_is_refused(tmp_path: Path) -> None:
     with sqlite3.connect(db) as conn:
         conn.execute("DELETE FROM families")
     refused(db, "without a family definition")
+
+
+def test_a_histogram_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    with keepcount.open(f"sqlite:///{db}", node="node-1") as reg:
+        reg.histogram("h_seconds", "", buckets=[1, 2]).observe(1.5)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE series SET value = '[1,2,3]'")
+    refused(db, "histogram h_seconds")
 
 
 def test_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:

@@ -142,6 +142,10 @@ def test_histogram_counts_observations_into_le_buckets() -> None:
         with pytest.raises(InvalidInput, match="observation"):
             h.observe(bad)  # type: ignore[arg-type]
     assert h.value.count == 6
+    h.observe(1e308)
+    with pytest.raises(InvalidInput, match="overflows the sum"):
+        h.observe(1e308)
+    assert h.value.count == 7
 
 
 @given(st.lists(st.integers(0, 1000), max_size=20), st.floats(-1e9, 1e9))

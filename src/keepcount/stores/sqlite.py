@@ -11,6 +11,7 @@ An SQLite 3 database in WAL mode, identified by ``PRAGMA application_id =
     series(node, name, labels, value, created)              PRIMARY KEY (node, name, labels)
 
 ``labels`` is the JSON array of label values (``metrics.label_key``);
+``buckets`` the JSON array of a histogram's finite upper bounds (+Inf implied);
 ``value`` is an INTEGER for a counter and the histogram encoding (TEXT) for a
 histogram; each row holds the node's *absolute* value, upserted by flushes.
 
@@ -26,6 +27,8 @@ Durability and safety
   ``PRAGMA quick_check`` are verified; any mismatch raises ``CorruptStore``
   naming the file.  SQLite errors later on are translated: corruption ->
   ``CorruptStore``; busy, full, I/O -> ``StoreUnavailable`` (nothing written).
+- A claim first checks every row of the node (types, definitions, histogram
+  shapes) and refuses a damaged node before it writes anything.
 - A claim is an exclusive ``flock`` on ``<file>-locks/<node>.lock`` held for
   the claim's lifetime (the kernel drops it when the process dies, even on
   SIGKILL), plus an epoch in ``nodes`` that only grows.  Each write checks the
@@ -43,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -116,6 +120,24 @@ _TABLES = {
     "families": ["node", "name", "kind", "help", "labelnames", "buckets"],
     "series": ["node", "name", "labels", "value", "created"],
 }
+
+# The first of a node's rows this format cannot hold: a series without its
+# family, a counter that is not a non-negative integer, a histogram that is not
+# a JSON array of one count per bucket (the finite ones and +Inf) plus the sum.
+# Run by claim() before it writes anything: a damaged node is refused with the
+# file untouched.
+_FIND_DAMAGE = """
+SELECT s.name, s.labels, typeof(s.value), f.kind FROM series s
+LEFT JOIN families f ON f.node = s.node AND f.name = s.name
+WHERE s.node = ?1 AND (
+    f.kind IS NULL
+    OR CASE f.kind
+        WHEN 'counter' THEN typeof(s.value) != 'integer' OR s.value < 0
+        ELSE typeof(s.value) != 'text' OR NOT json_valid(s.value)
+             OR json_array_length(s.value) != json_array_length(f.buckets) + 2
+    END)
+LIMIT 1
+"""
 
 _UPSERT_FAMILY = (
     "INSERT INTO families(node, name, kind, help, labelnames, buckets) VALUES (?,?,?,?,?,?) "
@@ -289,6 +311,15 @@ class SQLiteStore:
             fd = self._lock_node(node)
             try:
                 with self._txn(f"claim node {node!r}") as c:
+                    damage = c.execute(_FIND_DAMAGE, (node,)).fetchone()
+                    if damage is not None:
+                        name, labels, vtype, kind = damage
+                        what = f"a {kind}" if kind else "a series without a family definition"
+                        raise CorruptStore(
+                            f"store {self.path}: node {node!r} holds {what} {name}{labels} "
+                            f"with a value of type {vtype} that keepcount cannot have written; "
+                            "refusing it"
+                        )
                     row = c.execute("SELECT epoch FROM nodes WHERE node = ?", (node,)).fetchone()
                     stored = row[0] if row else 0
                     if epoch is None:
@@ -343,12 +374,6 @@ class SQLiteStore:
                         "SELECT labels, value FROM series WHERE node = ? AND name = ?", (node, name)
                     )
                 )
-            (stored,) = c.execute("SELECT count(*) FROM series WHERE node = ?", (node,)).fetchone()
-        if stored != snap.series_count():
-            raise CorruptStore(
-                f"store {self.path}: node {node!r} has {stored - snap.series_count()} series "
-                "without a family definition"
-            )
         return snap
 
     def write(
@@ -459,7 +484,8 @@ def _family(
 ) -> FamilyDef:
     try:
         names = tuple(json.loads(labelnames))
-        bounds = tuple(float(b) for b in json.loads(buckets))
+        finite = [float(b) for b in json.loads(buckets)]
+        bounds = (*finite, math.inf) if kind == "histogram" else ()
     except (ValueError, TypeError) as exc:
         raise CorruptStore(f"store {path}: definition of {name!r} is unreadable: {exc}") from exc
     if kind not in ("counter", "histogram"):
@@ -468,7 +494,8 @@ def _family(
 
 
 def _family_row(node: str, f: FamilyDef) -> tuple[Any, ...]:
-    return (node, f.name, f.kind, f.help, json.dumps(f.labelnames), json.dumps(f.buckets))
+    finite = [b for b in f.buckets if b != math.inf]  # +Inf is implied: strict JSON has no Infinity
+    return (node, f.name, f.kind, f.help, json.dumps(f.labelnames), json.dumps(finite))
 
 
 def _fsync_dir(path: Path) -> None:
