@@ -426,11 +426,16 @@ class Counter(MetricFamily[CounterChild]):
 
     @classmethod
     def standalone(
-        cls, name: str, help: str = "", labelnames: Sequence[str] = (), **kw: Any
+        cls,
+        name: str,
+        help: str = "",
+        labelnames: Sequence[str] = (),
+        *,
+        max_children: int | None = None,
     ) -> Counter:
         """A family outside any registry (for tests and benchmarks): never flushed."""
         shared = _Shared(threading.Lock(), [], [])
-        return cls(shared, counter_def(name, help, labelnames), max_children=kw.get("max_children"))
+        return cls(shared, counter_def(name, help, labelnames), max_children=max_children)
 
 
 class Histogram(MetricFamily[HistogramChild]):

@@ -23,6 +23,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import threading
 import time
@@ -255,8 +256,7 @@ class Registry:
             raise error
 
     async def aclose(self) -> None:
-        import asyncio
-
+        """``close()`` without blocking the event loop."""
         await asyncio.to_thread(self.close)
 
     def _check_open(self) -> None:

@@ -209,9 +209,7 @@ class SQLiteStore:
             except FileExistsError:
                 pass
             _fsync_dir(self.path.parent)
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot create store {self.path}: {exc}") from exc
-        except sqlite3.Error as exc:
+        except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot create store {self.path}: {exc}") from exc
         finally:
             for suffix in ("", "-wal", "-shm"):
