@@ -76,11 +76,10 @@ class _Outcome(asyncio.Future[KeepcountError | None]):
 class _Batch:
     """The waiters of one flush."""
 
-    __slots__ = ("done", "error", "event", "outcomes", "wanted")
+    __slots__ = ("error", "event", "outcomes", "wanted")
 
     def __init__(self) -> None:
         self.wanted = False
-        self.done = False
         self.error: KeepcountError | None = None
         self.event: threading.Event | None = None
         self.outcomes: dict[asyncio.AbstractEventLoop, _Outcome] = {}
@@ -119,7 +118,6 @@ class GroupCommit:
         self.dirty: list[Any] = []
         self.meta_dirty: list[Any] = []
         self.flushes = 0
-        self.failures = 0
         self._lock = lock
         self._cv = threading.Condition(lock)
         self._write = write
@@ -173,7 +171,7 @@ class GroupCommit:
             batch = self._join()
             if batch is None:
                 return
-            if batch is self._next and self._inflight is None and not self._closing:
+            if batch is self._next and self._inflight is None:
                 # Lead: with no flush in flight, write in this thread rather
                 # than hand over to the flusher and back (two thread wake-ups,
                 # about as long as the write itself on SQLite).
@@ -234,7 +232,6 @@ class GroupCommit:
         """End the flush in flight (lock held): account, settle, wake the flusher."""
         self._inflight = None
         if error is not None:
-            self.failures += 1
             self._put_back(children, families)
             if isinstance(error, Fenced):
                 self._fatal = error
@@ -294,7 +291,6 @@ class GroupCommit:
                 self.meta_dirty.append(fam)
 
     def _settle(self, batch: _Batch, error: KeepcountError | None) -> None:
-        batch.done = True
         batch.error = error
         if batch.event is not None:
             batch.event.set()

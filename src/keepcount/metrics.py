@@ -232,15 +232,15 @@ class HistogramChild:
 
     def observe(self, value: float) -> None:
         """Count one observation in memory; durable after ``commit()``."""
-        if (value.__class__ is not float and value.__class__ is not int) or not (
-            -math.inf < value < math.inf
-        ):
+        if value.__class__ is not float and value.__class__ is not int:
             value = _observation(value)
         i = bisect_left(self._upper, value)
         with self._lock:
             total = self._sum + value
-            if total - total != 0:  # inf or nan: the sum could no longer be stored
-                raise InvalidInput(f"{self.family.name}: observation {value!r} overflows the sum")
+            if total - total != 0:  # inf or nan (given, or by overflow): not storable
+                raise InvalidInput(
+                    f"{self.family.name}: observation {value!r} overflows the sum (not finite)"
+                )
             self._counts[i] += 1
             self._sum = total
             if not self._dirty:

@@ -165,7 +165,7 @@ class SQLiteStore:
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
         self._lock = threading.Lock()
-        self._claims: dict[str, tuple[int, int]] = {}  # node -> (epoch, lock fd)
+        self._claims: dict[str, int] = {}  # node -> descriptor holding its flock
         self._closed = False
         if not self.path.parent.is_dir():
             raise InvalidInput(
@@ -336,7 +336,7 @@ class SQLiteStore:
             except BaseException:
                 os.close(fd)
                 raise
-            self._claims[node] = (epoch, fd)
+            self._claims[node] = fd
             return epoch
 
     def _lock_node(self, node: str) -> int:
@@ -427,14 +427,14 @@ class SQLiteStore:
                         )
             finally:
                 if held is not None:
-                    os.close(held[1])  # closing the descriptor drops the flock
+                    os.close(held)  # closing the descriptor drops the flock
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            for _, fd in self._claims.values():
+            for fd in self._claims.values():
                 os.close(fd)
             self._claims.clear()
             self._conn.close()
