@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages keepcount uses.  redis-server/redis-tools: the peer of
-# `keepcount bench` (Redis INCR with appendfsync always).
-APT_PACKAGES=(python3 python3-venv python3-pip redis-server redis-tools)
+# `keepcount bench` (Redis INCR with appendfsync always).  wrk: the HTTP load
+# generator of the node benchmark.
+APT_PACKAGES=(python3 python3-venv python3-pip redis-server redis-tools wrk)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"
@@ -24,6 +25,7 @@ for pkg in "${APT_PACKAGES[@]}"; do
     python3-pip) : ;;  # only needed when python3 itself comes from apt
     redis-server) command -v redis-server >/dev/null 2>&1 || missing+=("$pkg") ;;
     redis-tools) command -v redis-benchmark >/dev/null 2>&1 || missing+=("$pkg") ;;
+    wrk) command -v wrk >/dev/null 2>&1 || missing+=("$pkg") ;;
   esac
 done
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -13,6 +13,7 @@ from keepcount.errors import (
     CorruptStore,
     DefinitionConflict,
     Fenced,
+    IdempotencyKeyReused,
     InvalidInput,
     KeepcountError,
     OutcomeUnknown,
@@ -28,7 +29,7 @@ from keepcount.metrics import (
     HistogramChild,
     HistogramValue,
 )
-from keepcount.registry import Registry, open
+from keepcount.registry import Receipt, Registry, open
 from keepcount.totals import SeriesTotal
 
 __version__ = "0.1.0"
@@ -46,9 +47,11 @@ __all__ = [
     "Histogram",
     "HistogramChild",
     "HistogramValue",
+    "IdempotencyKeyReused",
     "InvalidInput",
     "KeepcountError",
     "OutcomeUnknown",
+    "Receipt",
     "Registry",
     "RegistryClosed",
     "SeriesTotal",

@@ -32,6 +32,7 @@ __all__ = [
     "CorruptStore",
     "DefinitionConflict",
     "Fenced",
+    "IdempotencyKeyReused",
     "InvalidInput",
     "KeepcountError",
     "OutcomeUnknown",
@@ -63,6 +64,13 @@ class DefinitionConflict(InvalidInput):
     """A metric was declared again with another kind, label names or buckets."""
 
     code = "definition_conflict"
+
+
+class IdempotencyKeyReused(InvalidInput):
+    """An ``Idempotency-Key`` came back with a different request than the one
+    first recorded under it; nothing was counted."""
+
+    code = "idempotency_key_reused"
 
 
 class StoreError(KeepcountError):

@@ -146,6 +146,9 @@ class CounterChild:
     def value(self) -> int:
         return self._value
 
+    def labeldict(self) -> dict[str, str]:
+        return dict(zip(self.family.labelnames, self.labelvalues, strict=True))
+
     def _state(self) -> SeriesValue:
         return self._value
 
@@ -284,6 +287,8 @@ class MetricFamily(Generic[ChildT]):
         self._children: dict[tuple[Any, ...], ChildT] = {}
         self._count = 0  # distinct children in _children (which also holds aliases)
         self._restored: dict[str, SeriesValue] = restored if restored is not None else {}
+        self._restored_created: dict[str, float] = {}
+        """label key -> first-write time of restored series (kept for ``_created``)."""
         self._lock = shared.lock
 
     @property
@@ -340,7 +345,7 @@ class MetricFamily(Generic[ChildT]):
                         )
                     child = self._make(normal, key, None, time.time())
                 else:
-                    child = self._make(normal, key, raw, None)
+                    child = self._make(normal, key, raw, self._restored_created.pop(key, None))
                 self._children[normal] = child
                 self._count += 1
             if values != normal:
@@ -365,6 +370,19 @@ class MetricFamily(Generic[ChildT]):
             yield child.labelvalues, child.value
         for key, raw in restored:
             yield decode_label_key(key), self._decode(raw)
+
+    def series(self) -> Iterator[tuple[tuple[str, ...], Any, float | None]]:
+        """Every label set with its current value and created time (unix
+        seconds of its first write, stable across restarts; None only for a
+        restored series whose store kept none)."""
+        with self._lock:
+            children = [c for k, c in self._children.items() if k is c.labelvalues]
+            restored = list(self._restored.items())
+            created = self._restored_created
+        for child in children:
+            yield child.labelvalues, child.value, child.created
+        for key, raw in restored:
+            yield decode_label_key(key), self._decode(raw), created.get(key)
 
     def _decode(self, raw: SeriesValue) -> Any:
         return raw

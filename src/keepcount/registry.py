@@ -29,6 +29,7 @@ import threading
 import time
 import weakref
 from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -38,6 +39,7 @@ from keepcount.metrics import (
     DEFAULT_BUCKETS,
     DEFAULT_MAX_CHILDREN,
     Counter,
+    CounterChild,
     Histogram,
     MetricFamily,
     _Shared,
@@ -49,7 +51,7 @@ from keepcount.stores import open_store
 from keepcount.stores.base import FamilyDef, SeriesRow, SeriesValue, Store
 from keepcount.totals import SeriesTotal, cluster_totals
 
-__all__ = ["Registry", "open"]
+__all__ = ["Receipt", "Registry", "open"]
 
 _open_registries: weakref.WeakSet[Registry] = weakref.WeakSet()
 
@@ -62,6 +64,18 @@ def _close_all() -> None:
             reg.close()
         except Exception:  # noqa: S110 - exit must go on
             pass
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What a durable increment answers: the node's value right after it."""
+
+    node: str
+    name: str
+    labels: dict[str, str]
+    value: int
+    replayed: bool = False
+    """True when an idempotency key matched an earlier increment: nothing was counted now."""
 
 
 def open(  # noqa: A001 - the public name in DESIGN §3
@@ -123,7 +137,9 @@ class Registry:
             snapshot = store.load(node)
             for name, definition in snapshot.families.items():
                 values = snapshot.values.get(name, {})
-                self._families[name] = self._family(definition, values, max_children)
+                family = self._family(definition, values, max_children)
+                family._restored_created = snapshot.created.get(name, {})
+                self._families[name] = family
         except BaseException:
             store.release(node, self.epoch)
             raise
@@ -201,6 +217,31 @@ class Registry:
         effect when the flush it waits for ends.
         """
         return self._group.commit()  # no wrapper coroutine: this is the hot path
+
+    async def increment(
+        self,
+        child: CounterChild,
+        by: int = 1,
+        *,
+        key: str | None = None,
+        fingerprint: str = "",
+    ) -> Receipt:
+        """Add ``by`` to a counter child and return once it is durable.
+
+        With ``key`` (an idempotency key) the increment is counted at most
+        once per key across every node of the store, for
+        ``idempotency_ttl`` seconds: a request that comes again with the
+        same key and ``fingerprint`` gets the first one's receipt
+        (``replayed=True``) and counts nothing; with another fingerprint it
+        raises ``IdempotencyKeyReused``.  The key is recorded in the same
+        store write as the value.  Raises like ``commit()``: not acknowledged.
+        """
+        # TODO(keyed): stub until the keyed flush lands; counts like an unkeyed increment.
+        self._check_open()
+        child.inc(by)
+        value = child.value
+        await self._group.commit()
+        return Receipt(self.node, child.family.name, child.labeldict(), value)
 
     def commit_sync(self, timeout: float | None = None) -> None:
         """``commit()`` for threads; ``OutcomeUnknown`` if ``timeout`` passes first."""

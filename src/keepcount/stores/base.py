@@ -22,7 +22,7 @@ Contract of each method (the conformance suite in
 
 ``load(node) -> Snapshot``
     Every family definition and series value the node wrote, as of the last
-    successful ``write``.  Unknown node: an empty snapshot.  A damaged or
+    successful ``write``, with each series' ``created`` time.  Unknown node: an empty snapshot.  A damaged or
     foreign store raises ``CorruptStore``; it never returns a partial or
     empty result in its place.
 
@@ -103,6 +103,8 @@ class Snapshot:
     families: dict[str, FamilyDef] = field(default_factory=dict)
     values: dict[str, dict[str, SeriesValue]] = field(default_factory=dict)
     """metric name -> label key -> value."""
+    created: dict[str, dict[str, float]] = field(default_factory=dict)
+    """metric name -> label key -> unix time of the series' first write."""
 
     def series_count(self) -> int:
         return sum(len(v) for v in self.values.values())

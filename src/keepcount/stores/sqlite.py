@@ -367,9 +367,13 @@ class SQLiteStore:
             ):
                 snap.families[name] = _family(self.path, name, kind, help_, labelnames, buckets)
             for name in snap.families:
+                args = (node, name)
                 snap.values[name] = dict(
+                    c.execute("SELECT labels, value FROM series WHERE node = ? AND name = ?", args)
+                )
+                snap.created[name] = dict(
                     c.execute(
-                        "SELECT labels, value FROM series WHERE node = ? AND name = ?", (node, name)
+                        "SELECT labels, created FROM series WHERE node = ? AND name = ?", args
                     )
                 )
         return snap
