@@ -31,33 +31,71 @@ Protocol (all state below changes only under the registry lock):
 
 Invariant: every increment is in exactly one of: a dirty child, the batch in
 flight, the store.
+
+Keyed increments (idempotency keys)
+-----------------------------------
+``submit_keyed()`` does not touch the child's value.  It queues a ``Keyed``
+delta; the flush writes the child's value *plus* its queued deltas together
+with one ``KeyRecord`` per delta, in one store write.  The store refuses the
+whole write if any key is already recorded (``KeyConflict``, by any node on
+the store); the flusher then looks each such key up and:
+
+- drops the delta if the record is another request's: its waiters get the
+  recorded receipt (a replay) or, for another fingerprint,
+  ``IdempotencyKeyReused``;
+- keeps it as written if the record carries the delta's own ``token``: an
+  earlier write whose outcome was unknown did land;
+
+and writes the rest again.  Only after the write succeeded is the delta added
+to the child's value in memory.  A failed write leaves the delta queued (its
+token unchanged) for the next flush; its waiters get the error (not
+acknowledged), and a retry of the same key on this node joins it rather than
+counting again.  So a key is counted at most once per store, whichever nodes
+its retries reach, and a delta is counted iff its key record is in the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from keepcount.errors import (
     Fenced,
+    IdempotencyKeyReused,
+    InvalidInput,
     KeepcountError,
+    KeyConflict,
     OutcomeUnknown,
     RegistryClosed,
     StoreUnavailable,
 )
-from keepcount.stores.base import FamilyDef, SeriesRow
+from keepcount.metrics import MAX_VALUE
+from keepcount.stores.base import FamilyDef, KeyRecord, SeriesRow
 
-__all__ = ["DEFAULT_FLUSH_INTERVAL", "GroupCommit"]
+__all__ = ["DEFAULT_FLUSH_INTERVAL", "DEFAULT_IDEMPOTENCY_TTL", "GroupCommit", "Keyed"]
 
 DEFAULT_FLUSH_INTERVAL = 1.0
 """Seconds between background flushes.  It bounds what an application that
 never calls ``commit()`` can lose in a crash, at the cost of one store write
 per interval while anything changed (a few hundred microseconds on SQLite)."""
 
-WriteFn = Callable[[Sequence[FamilyDef], Sequence[SeriesRow]], None]
+DEFAULT_IDEMPOTENCY_TTL = 86_400.0
+"""Seconds an idempotency key is remembered (a day, as common HTTP APIs do)."""
+
+EXPIRE_EVERY = 60.0
+"""Seconds between sweeps of expired idempotency keys by the flusher."""
+
+WriteFn = Callable[[Sequence[FamilyDef], Sequence[SeriesRow], Sequence[KeyRecord]], None]
+LookupFn = Callable[[str], KeyRecord | None]
+ExpireFn = Callable[[float], int]
+
+KeyedOutcome = tuple[int, bool, KeyRecord | None] | KeepcountError
+"""What a keyed waiter gets: (value, replayed, record) or the error."""
 
 
 class _Outcome(asyncio.Future[KeepcountError | None]):
@@ -85,6 +123,37 @@ class _Batch:
         self.outcomes: dict[asyncio.AbstractEventLoop, _Outcome] = {}
 
 
+class Keyed:
+    """One increment under an idempotency key, queued until a flush records it."""
+
+    __slots__ = ("by", "child", "expires", "fingerprint", "key", "token", "waiters")
+
+    def __init__(self, child: Any, by: int, key: str, fingerprint: str, expires: float) -> None:
+        self.child = child
+        self.by = by
+        self.key = key
+        self.fingerprint = fingerprint
+        self.expires = expires
+        self.token = uuid.uuid4().hex
+        self.waiters: list[asyncio.Future[KeyedOutcome]] = []
+
+
+class _Flush:
+    """What one flush writes: taken children and families, keyed deltas, and
+    the rows and key records composed from them (under the lock)."""
+
+    __slots__ = ("children", "families", "keyed", "records", "rows", "values")
+
+    def __init__(self, children: list[Any], families: list[Any], keyed: list[Keyed]) -> None:
+        self.children = children
+        self.families = families
+        self.keyed = keyed
+        self.rows: list[SeriesRow] = []
+        self.records: list[KeyRecord] = []
+        self.values: list[int] = []
+        """The child's value right after each keyed delta, as recorded."""
+
+
 def _copy(err: KeepcountError) -> KeepcountError:
     """A fresh exception per waiter: one instance raised in many threads or
     tasks would collect all their tracebacks."""
@@ -98,11 +167,25 @@ def _resolve(outcome: _Outcome, error: KeepcountError | None) -> None:
         outcome.set_result(error)
 
 
+def _resolve_keyed(answers: list[tuple[asyncio.Future[KeyedOutcome], KeyedOutcome]]) -> None:
+    for fut, outcome in answers:
+        if not fut.done():  # a cancelled request is not waiting any more
+            fut.set_result(outcome)
+
+
+def _receipt_value(record: KeyRecord) -> int:
+    value = json.loads(record.result)["value"]
+    assert isinstance(value, int)
+    return value
+
+
 class GroupCommit:
     """The flusher of one registry.
 
     ``dirty`` and ``meta_dirty`` are the lists children and families append
-    themselves to (under ``lock``); ``write`` persists one batch.
+    themselves to (under ``lock``); ``write`` persists one batch; ``lookup``
+    and ``expire`` read and sweep idempotency keys.  ``node`` goes into the
+    key records.
     """
 
     def __init__(
@@ -110,6 +193,9 @@ class GroupCommit:
         lock: threading.Lock,
         write: WriteFn,
         *,
+        node: str = "",
+        lookup: LookupFn | None = None,
+        expire: ExpireFn | None = None,
         interval: float | None = DEFAULT_FLUSH_INTERVAL,
         name: str = "keepcount-flusher",
     ) -> None:
@@ -117,10 +203,17 @@ class GroupCommit:
             raise ValueError("flush_interval must be positive or None")
         self.dirty: list[Any] = []
         self.meta_dirty: list[Any] = []
+        self.keyed: dict[str, Keyed] = {}
+        """Keyed deltas queued or in flight, by key."""
         self.flushes = 0
+        self._queued: list[Keyed] = []  # keyed deltas for the next flush
+        self._node = node
         self._lock = lock
         self._cv = threading.Condition(lock)
         self._write = write
+        self._lookup = lookup
+        self._expire = expire
+        self._next_expire = time.monotonic()
         self._interval = interval
         self._next = _Batch()
         self._inflight: _Batch | None = None
@@ -139,18 +232,24 @@ class GroupCommit:
 
     # -- waiting -------------------------------------------------------------
 
-    def _join(self) -> _Batch | None:
-        """The batch whose success makes every earlier increment durable (lock held)."""
+    def _check(self) -> None:
         if self._fatal is not None:
             raise _copy(self._fatal)
         if self._closing:
             raise RegistryClosed("the registry is closed")
-        if self.dirty or self.meta_dirty:
-            batch = self._next
-            if not batch.wanted:
-                batch.wanted = True
-                self._cv.notify()
-            return batch
+
+    def _want(self) -> _Batch:
+        batch = self._next
+        if not batch.wanted:
+            batch.wanted = True
+            self._cv.notify()
+        return batch
+
+    def _join(self) -> _Batch | None:
+        """The batch whose success makes every earlier increment durable (lock held)."""
+        self._check()
+        if self.dirty or self.meta_dirty or self._queued:
+            return self._want()
         return self._inflight
 
     async def commit(self) -> None:
@@ -182,9 +281,9 @@ class GroupCommit:
                     batch.event = threading.Event()
                 event = batch.event
         if taken is not None:
-            error = self._flush(taken[1], taken[2])
+            error = self._flush(taken)
             with self._lock:
-                self._finish(batch, taken[0], taken[1], error)
+                self._finish(batch, taken, error)
             if error is not None:
                 raise _copy(error)
             return
@@ -192,6 +291,33 @@ class GroupCommit:
             raise OutcomeUnknown(f"commit did not finish within {timeout} s; not acknowledged")
         if batch.error is not None:
             raise _copy(batch.error)
+
+    def submit_keyed(
+        self, child: Any, by: int, key: str, fingerprint: str, ttl: float
+    ) -> asyncio.Future[KeyedOutcome]:
+        """Queue ``by`` for ``child`` under ``key``; the future answers once it is
+        settled (see the module docstring).  A key already queued or in
+        flight on this registry is joined, not counted again."""
+        fut: asyncio.Future[KeyedOutcome] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._check()
+            keyed = self.keyed.get(key)
+            if keyed is not None:
+                if keyed.fingerprint != fingerprint:
+                    raise IdempotencyKeyReused(
+                        f"idempotency key {key!r} is in use by a different request; nothing counted"
+                    )
+            else:
+                queued = sum(k.by for k in self.keyed.values() if k.child is child)
+                if child._value + queued + by > MAX_VALUE:
+                    raise InvalidInput(
+                        f"{child.family.name}: value would pass 2**63-1; increment refused"
+                    )
+                keyed = self.keyed[key] = Keyed(child, by, key, fingerprint, time.time() + ttl)
+                self._queued.append(keyed)
+            keyed.waiters.append(fut)
+            self._want()
+        return fut
 
     # -- the flusher -----------------------------------------------------------
 
@@ -205,43 +331,113 @@ class GroupCommit:
                     continue
                 closing = self._closing
                 batch = self._next
-                children, families, rows = self._start()
-            error = self._flush(families, rows)
+                taken = self._start()
+            error = self._flush(taken)
             with self._lock:
-                self._finish(batch, children, families, error)
+                self._finish(batch, taken, error)
                 if closing and error is not None:
                     self._close_error = error
                     break
+            self._sweep_keys()
         with self._lock:
             self._stopped = True
             closed = self._fatal or RegistryClosed("the registry was closed before this commit")
-            self._settle(self._next, closed)
+            self._abandon(closed)
 
-    def _start(self) -> tuple[list[Any], list[Any], list[SeriesRow]]:
+    def _start(self) -> _Flush:
         """Begin the flush of ``_next`` (lock held, no flush in flight).
 
         At most one flush is in flight at a time: two concurrent writes of
         absolute values could land out of order and put an older value last.
         """
         self._inflight, self._next = self._next, _Batch()
-        return self._take()
+        children = self.dirty[:]
+        self.dirty.clear()
+        for child in children:
+            child._dirty = False
+        families = self.meta_dirty[:]
+        self.meta_dirty.clear()
+        taken = _Flush(children, families, self._queued)
+        self._queued = []
+        self._compose(taken)
+        return taken
 
-    def _finish(
-        self, batch: _Batch, children: list[Any], families: list[Any], error: KeepcountError | None
-    ) -> None:
+    def _compose(self, f: _Flush) -> None:
+        """The rows and key records of ``f`` from the current values (lock held)."""
+        now = time.time()
+        after: dict[Any, int] = {}  # child -> value with its keyed deltas
+        keyed, values = [], []
+        for k in f.keyed:
+            value = after.get(k.child, k.child._value) + k.by
+            if value > MAX_VALUE:  # inc() calls since it was queued took the room
+                self._answer(k, InvalidInput(f"{k.child.family.name}: value would pass 2**63-1"))
+                continue
+            after[k.child] = value
+            keyed.append(k)
+            values.append(value)
+        f.keyed, f.values = keyed, values
+        rows: list[SeriesRow] = []
+        append = rows.append
+        for child in f.children:
+            state = after.pop(child) if after and child in after else child._state()
+            append((child.family.name, child.key, state, child.created or now))
+        for child, state in after.items():
+            append((child.family.name, child.key, state, child.created or now))
+        f.rows = rows
+        f.records = [
+            KeyRecord(k.key, self._node, k.fingerprint, self._result(k, v), k.token, k.expires)
+            for k, v in zip(keyed, values, strict=True)
+        ]
+
+    def _result(self, k: Keyed, value: int) -> str:
+        child = k.child
+        labels = dict(zip(child.family.labelnames, child.labelvalues, strict=True))
+        return json.dumps(
+            {"node": self._node, "name": child.family.name, "labels": labels, "value": value},
+            separators=(",", ":"),
+        )
+
+    def _finish(self, batch: _Batch, f: _Flush, error: KeepcountError | None) -> None:
         """End the flush in flight (lock held): account, settle, wake the flusher."""
         self._inflight = None
-        if error is not None:
-            self._put_back(children, families)
+        if error is None:
+            self.flushes += 1
+            for k, value, record in zip(f.keyed, f.values, f.records, strict=True):
+                k.child._value += k.by  # durable now: counted
+                self._answer(k, (value, False, record))
+        else:
+            self._put_back(f.children, f.families)
+            self._queued[:0] = f.keyed  # same tokens: a landed write is recognised
+            for k in f.keyed:
+                self._answer(k, error, keep=True)
             if isinstance(error, Fenced):
                 self._fatal = error
-        else:
-            self.flushes += 1
         self._settle(batch, error)
         self._cv.notify()  # commits that queued behind this flush may go now
 
+    def _answer(self, k: Keyed, outcome: KeyedOutcome, *, keep: bool = False) -> None:
+        """Wake ``k``'s waiters (lock held); forget ``k`` unless it stays queued.
+
+        The first waiter is the request that queued it; later ones joined it
+        with the same key, so they are told it is a replay.
+        """
+        if not keep:
+            self.keyed.pop(k.key, None)
+        waiters, k.waiters = k.waiters, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, KeyedOutcome]]] = {}
+        for i, fut in enumerate(waiters):
+            answer = outcome
+            if i and isinstance(outcome, tuple):
+                answer = (outcome[0], True, outcome[2])
+            by_loop.setdefault(fut.get_loop(), []).append((fut, answer))
+        for loop, answers in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_keyed, answers)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                pass
+
     def _pending(self) -> bool:
-        return bool(self.dirty or self.meta_dirty)
+        return bool(self.dirty or self.meta_dirty or self._queued)
 
     def _wait_for_work(self) -> None:
         """Until a flush is wanted (or due) and none is in flight (lock held)."""
@@ -257,28 +453,54 @@ class GroupCommit:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
             self._cv.wait(remaining)
 
-    def _take(self) -> tuple[list[Any], list[Any], list[SeriesRow]]:
-        children = self.dirty[:]
-        self.dirty.clear()
-        families = self.meta_dirty[:]
-        self.meta_dirty.clear()
-        now = time.time()
-        rows: list[SeriesRow] = []
-        append = rows.append
-        for child in children:
-            child._dirty = False
-            append((child.family.name, child.key, child._state(), child.created or now))
-        return children, families, rows
+    def _flush(self, f: _Flush) -> KeepcountError | None:
+        """Write ``f``; on a key conflict settle the keys already recorded and
+        write the rest again (each round settles at least one key)."""
+        for _ in range(len(f.keyed) + 2):
+            try:
+                self._write([fam.definition for fam in f.families], f.rows, f.records)
+            except KeyConflict as conflict:
+                error = self._resolve_conflict(f, conflict.keys)
+                if error is not None:
+                    return error
+                continue
+            except KeepcountError as exc:
+                return exc
+            except Exception as exc:  # a bug or an untranslated driver error: not acknowledged
+                err = StoreUnavailable(f"flush failed: {exc!r}")
+                err.__cause__ = exc
+                return err
+            return None
+        return StoreUnavailable("idempotency keys kept changing under the flush; not written")
 
-    def _flush(self, families: list[Any], rows: list[SeriesRow]) -> KeepcountError | None:
+    def _resolve_conflict(self, f: _Flush, keys: list[str]) -> KeepcountError | None:
+        if self._lookup is None:
+            return StoreUnavailable("idempotency key conflict without a lookup")
         try:
-            self._write([f.definition for f in families], rows)
+            found = {key: self._lookup(key) for key in keys}
         except KeepcountError as exc:
             return exc
-        except Exception as exc:  # a bug or an untranslated driver error: not acknowledged
-            err = StoreUnavailable(f"flush failed: {exc!r}")
-            err.__cause__ = exc
-            return err
+        with self._lock:
+            keep = []
+            for k in f.keyed:
+                record = found.get(k.key)
+                if record is None:  # not in conflict, or expired since: write it again
+                    keep.append(k)
+                elif record.token == k.token:  # an earlier write of ours did land
+                    k.child._value += k.by
+                    self._answer(k, (_receipt_value(record), False, record))
+                elif record.fingerprint == k.fingerprint:  # a retry: answer as recorded
+                    self._answer(k, (_receipt_value(record), True, record))
+                else:
+                    self._answer(
+                        k,
+                        IdempotencyKeyReused(
+                            f"idempotency key {k.key!r} was first used for a different request "
+                            f"(on node {record.node!r}); nothing counted"
+                        ),
+                    )
+            f.keyed = keep
+            self._compose(f)
         return None
 
     def _put_back(self, children: list[Any], families: list[Any]) -> None:
@@ -301,6 +523,23 @@ class GroupCommit:
             except RuntimeError:  # that loop is closed: nobody is waiting any more
                 pass
 
+    def _abandon(self, error: KeepcountError) -> None:
+        """Fail everything still waiting: the flusher has stopped (lock held)."""
+        self._settle(self._next, error)
+        for k in list(self.keyed.values()):
+            self._answer(k, error)
+        self._queued.clear()
+
+    def _sweep_keys(self) -> None:
+        """Delete expired idempotency keys now and then (flusher thread, no lock)."""
+        if self._expire is None or time.monotonic() < self._next_expire:
+            return
+        self._next_expire = time.monotonic() + EXPIRE_EVERY
+        try:
+            self._expire(time.time())
+        except KeepcountError:
+            pass  # housekeeping only: the next sweep tries again
+
     # -- shutting down -----------------------------------------------------------
 
     def close(self) -> KeepcountError | None:
@@ -312,5 +551,5 @@ class GroupCommit:
             self._thread.join()
         elif not self._stopped:  # never started
             with self._lock:
-                self._settle(self._next, RegistryClosed("the registry was closed"))
+                self._abandon(RegistryClosed("the registry was closed"))
         return self._close_error

@@ -6,7 +6,8 @@ layer puts in its ``{"error": {"code", "message"}}`` bodies::
     KeepcountError
     ├── InvalidInput            bad name, labels, amount, URL; nothing was changed
     │   ├── CardinalityError    a family reached its child limit
-    │   └── DefinitionConflict  a metric re-declared with another shape
+    │   ├── DefinitionConflict  a metric re-declared with another shape
+    │   └── IdempotencyKeyReused  a key came back with another request
     ├── StoreError
     │   ├── StoreUnavailable    retryable: busy, I/O error, disk full; not written
     │   │   └── OutcomeUnknown  the write may or may not have landed (timeouts)
@@ -14,6 +15,7 @@ layer puts in its ``{"error": {"code", "message"}}`` bodies::
     ├── ClaimError
     │   ├── ClaimConflict       another live process holds this node id
     │   └── Fenced              a newer incarnation (higher epoch) took over
+    ├── KeyConflict             (internal) a write's idempotency key is already recorded
     └── RegistryClosed          the registry was closed
 
 Driver errors are translated at the store seam with ``raise X from exc``.  A
@@ -25,6 +27,9 @@ next flush).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 __all__ = [
     "CardinalityError",
     "ClaimConflict",
@@ -35,6 +40,7 @@ __all__ = [
     "IdempotencyKeyReused",
     "InvalidInput",
     "KeepcountError",
+    "KeyConflict",
     "OutcomeUnknown",
     "RegistryClosed",
     "StoreError",
@@ -71,6 +77,21 @@ class IdempotencyKeyReused(InvalidInput):
     first recorded under it; nothing was counted."""
 
     code = "idempotency_key_reused"
+
+
+class KeyConflict(KeepcountError):
+    """A store write carried idempotency keys that are already recorded (and
+    not expired); the store wrote nothing.  Internal to the group commit,
+    which resolves it: it never reaches an application."""
+
+    code = "idempotency_key_conflict"
+
+    def __init__(self, message: str, keys: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.keys = list(keys)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.args[0], self.keys))
 
 
 class StoreError(KeepcountError):

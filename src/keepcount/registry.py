@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import threading
 import time
 import weakref
@@ -33,8 +34,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from keepcount.commit import DEFAULT_FLUSH_INTERVAL, GroupCommit
-from keepcount.errors import RegistryClosed
+from keepcount.commit import DEFAULT_FLUSH_INTERVAL, DEFAULT_IDEMPOTENCY_TTL, GroupCommit, _copy
+from keepcount.errors import InvalidInput, KeepcountError, RegistryClosed
 from keepcount.metrics import (
     DEFAULT_BUCKETS,
     DEFAULT_MAX_CHILDREN,
@@ -48,7 +49,7 @@ from keepcount.metrics import (
 )
 from keepcount.naming import check_node_id
 from keepcount.stores import open_store
-from keepcount.stores.base import FamilyDef, SeriesRow, SeriesValue, Store
+from keepcount.stores.base import FamilyDef, KeyRecord, SeriesRow, SeriesValue, Store
 from keepcount.totals import SeriesTotal, cluster_totals
 
 __all__ = ["Receipt", "Registry", "open"]
@@ -85,11 +86,13 @@ def open(  # noqa: A001 - the public name in DESIGN §3
     flush_interval: float | None = DEFAULT_FLUSH_INTERVAL,
     max_children: int | None = DEFAULT_MAX_CHILDREN,
     epoch: int | None = None,
+    idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
 ) -> Registry:
     """Open the store at ``url``, claim ``node`` and restore its values.
 
     ``epoch`` comes from a coordinator when one issues the claim; without it
-    the store issues the next epoch itself.  Raises ``ClaimConflict`` if
+    the store issues the next epoch itself.  ``idempotency_ttl``: seconds
+    an idempotency key given to ``increment()`` is remembered.  Raises ``ClaimConflict`` if
     another live process holds ``node``, ``CorruptStore`` for a damaged or
     foreign store, ``StoreUnavailable`` if it cannot be reached.
     """
@@ -97,7 +100,12 @@ def open(  # noqa: A001 - the public name in DESIGN §3
     store = open_store(url)
     try:
         return Registry(
-            store, node, flush_interval=flush_interval, max_children=max_children, epoch=epoch
+            store,
+            node,
+            flush_interval=flush_interval,
+            max_children=max_children,
+            epoch=epoch,
+            idempotency_ttl=idempotency_ttl,
         )
     except BaseException:
         store.close()
@@ -120,13 +128,23 @@ class Registry:
         flush_interval: float | None = DEFAULT_FLUSH_INTERVAL,
         max_children: int | None = DEFAULT_MAX_CHILDREN,
         epoch: int | None = None,
+        idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
     ) -> None:
         self.node = check_node_id(node)
         self.store = store
         self.max_children = max_children
         self._lock = threading.Lock()
+        if not idempotency_ttl > 0:
+            raise ValueError("idempotency_ttl must be positive")
+        self.idempotency_ttl = idempotency_ttl
         self._group = GroupCommit(
-            self._lock, self._write, interval=flush_interval, name=f"keepcount-flush-{node}"
+            self._lock,
+            self._write,
+            node=self.node,
+            lookup=store.lookup_key,
+            expire=store.expire_keys,
+            interval=flush_interval,
+            name=f"keepcount-flush-{node}",
         )
         self._shared = _Shared(self._lock, self._group.dirty, self._group.meta_dirty)
         self._families: dict[str, MetricFamily[Any]] = {}
@@ -236,19 +254,32 @@ class Registry:
         raises ``IdempotencyKeyReused``.  The key is recorded in the same
         store write as the value.  Raises like ``commit()``: not acknowledged.
         """
-        # TODO(keyed): stub until the keyed flush lands; counts like an unkeyed increment.
         self._check_open()
-        child.inc(by)
-        value = child.value
-        await self._group.commit()
-        return Receipt(self.node, child.family.name, child.labeldict(), value)
+        if key is None:
+            child.inc(by)
+            value = child.value
+            await self._group.commit()
+            return Receipt(self.node, child.family.name, child.labeldict(), value)
+        if by.__class__ is not int or by < 0:
+            raise InvalidInput(f"increment must be a non-negative int, got {by!r}")
+        fut = self._group.submit_keyed(child, by, key, fingerprint, self.idempotency_ttl)
+        outcome = await asyncio.shield(fut)  # one request's cancel must not drop the answer
+        if isinstance(outcome, KeepcountError):
+            raise _copy(outcome)
+        value, replayed, record = outcome
+        if replayed and record is not None:
+            answer = json.loads(record.result)
+            return Receipt(answer["node"], answer["name"], answer["labels"], value, True)
+        return Receipt(self.node, child.family.name, child.labeldict(), value, replayed)
 
     def commit_sync(self, timeout: float | None = None) -> None:
         """``commit()`` for threads; ``OutcomeUnknown`` if ``timeout`` passes first."""
         self._group.commit_sync(timeout)
 
-    def _write(self, families: Sequence[FamilyDef], rows: Sequence[SeriesRow]) -> None:
-        self.store.write(self.node, self.epoch, families, rows)
+    def _write(
+        self, families: Sequence[FamilyDef], rows: Sequence[SeriesRow], keys: Sequence[KeyRecord]
+    ) -> None:
+        self.store.write(self.node, self.epoch, families, rows, keys)
 
     @property
     def fenced(self) -> bool:

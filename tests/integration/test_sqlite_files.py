@@ -15,7 +15,7 @@ import pytest
 
 import keepcount
 from keepcount import ClaimConflict, CorruptStore, Fenced, StoreUnavailable
-from keepcount.stores.sqlite import SQLiteStore
+from keepcount.stores.sqlite import FORMAT_VERSION, SQLiteStore
 
 
 def make_store(path: Path, series: int = 2000) -> None:
@@ -84,8 +84,31 @@ def test_an_unknown_format_version_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "c.db"
     make_store(db, series=3)
     with sqlite3.connect(db) as conn:
-        conn.execute("PRAGMA user_version = 2")
-    refused(db, "format version 2.*upgrade keepcount")
+        conn.execute(f"PRAGMA user_version = {FORMAT_VERSION + 1}")
+    refused(db, f"format version {FORMAT_VERSION + 1}.*upgrade keepcount")
+
+
+def test_a_version_1_file_is_upgraded_in_place_with_its_values(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    make_store(db, series=3)
+    with sqlite3.connect(db) as conn:  # what keepcount 0.1 (format 1) wrote
+        conn.execute("DROP TABLE idempotency")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'format_version'")
+        conn.execute("PRAGMA user_version = 1")
+    with keepcount.open(f"sqlite:///{db}", node="node-1") as reg:
+        assert reg.counter("c_total", "", ["k"]).labels("series-000002").value == 3
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION
+        assert conn.execute("SELECT count(*) FROM idempotency").fetchone()[0] == 0
+
+
+def test_a_version_1_file_with_a_foreign_table_in_the_way_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    make_store(db, series=3)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'format_version'")
+        conn.execute("PRAGMA user_version = 1")
+    refused(db, "schema")
 
 
 def test_a_value_of_the_wrong_type_is_refused(tmp_path: Path) -> None:

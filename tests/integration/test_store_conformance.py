@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from keepcount import ClaimConflict, Fenced, InvalidInput
-from keepcount.stores.base import FamilyDef, Store
+from keepcount.errors import KeyConflict
+from keepcount.stores.base import FamilyDef, KeyRecord, Store
 
 C = FamilyDef("c_total", "counter", "a counter", ("k",))
 H = FamilyDef("h_seconds", "histogram", "a histogram", (), (0.5, float("inf")))
@@ -111,3 +114,75 @@ def test_values_up_to_int64_max_survive(store: Store) -> None:
     e = store.claim("node-1")
     store.write("node-1", e, [C], [("c_total", '["max"]', 2**63 - 1, 1.0)])
     assert store.load("node-1").values["c_total"]['["max"]'] == 2**63 - 1
+
+
+# -- idempotency keys -----------------------------------------------------------
+
+
+def key(
+    name: str, node: str = "node-1", *, expires: float | None = None, fp: str = "fp"
+) -> KeyRecord:
+    return KeyRecord(
+        name, node, fp, f'{{"value":1,"key":"{name}"}}', f"token-{name}-{node}",
+        time.time() + 3600 if expires is None else expires,
+    )  # fmt: skip
+
+
+def test_keys_are_recorded_with_the_values_and_seen_store_wide(store: Store, other: Store) -> None:
+    e = store.claim("node-1")
+    k = key("k1")
+    store.write("node-1", e, [C], [("c_total", '["a"]', 1, 1.0)], [k])
+    assert store.lookup_key("k1") == k
+    assert other.lookup_key("k1") == k, "keys are store-wide: any handle, any node sees them"
+    assert store.lookup_key("k2") is None
+
+
+def test_a_recorded_key_refuses_the_whole_write(store: Store, other: Store) -> None:
+    e1 = store.claim("node-1")
+    e2 = other.claim("node-2")
+    first = key("k1")
+    store.write("node-1", e1, [C], [("c_total", '["a"]', 1, 1.0)], [first])
+    with pytest.raises(KeyConflict) as conflict:
+        other.write(
+            "node-2",
+            e2,
+            [C],
+            [("c_total", '["a"]', 7, 1.0)],
+            [key("k0", "node-2"), key("k1", "node-2"), key("k2", "node-2")],
+        )
+    assert conflict.value.keys == ["k1"], "exactly the keys already recorded"
+    assert store.load("node-2").series_count() == 0, "nothing of the refused write landed"
+    assert store.lookup_key("k0") is None
+    assert store.lookup_key("k2") is None
+    assert store.lookup_key("k1") == first, "the first record stays"
+
+
+def test_an_expired_key_is_forgotten_and_replaced(store: Store) -> None:
+    e = store.claim("node-1")
+    old = key("k1", expires=time.time() - 1)
+    store.write("node-1", e, [C], [("c_total", '["a"]', 1, 1.0)], [old])
+    assert store.lookup_key("k1") is None, "an expired key is not returned"
+    new = key("k1", fp="fp2")
+    store.write("node-1", e, [C], [("c_total", '["a"]', 2, 1.0)], [new])
+    assert store.lookup_key("k1") == new
+
+
+def test_expire_keys_deletes_only_expired_ones_up_to_the_limit(store: Store) -> None:
+    e = store.claim("node-1")
+    now = time.time()
+    past = [key(f"old{i}", expires=now - 10) for i in range(5)]
+    live = [key(f"new{i}", expires=now + 3600) for i in range(3)]
+    store.write("node-1", e, [C], [("c_total", '["a"]', 1, 1.0)], past + live)
+    assert store.expire_keys(now, limit=3) == 3
+    assert store.expire_keys(now) == 2
+    assert store.expire_keys(now) == 0
+    assert all(store.lookup_key(k.key) == k for k in live)
+
+
+def test_a_fenced_write_records_no_keys(store: Store, other: Store) -> None:
+    e1 = store.claim("node-1", epoch=1)
+    store.release("node-1", e1)
+    other.claim("node-1", epoch=2)  # a newer incarnation; the old handle writes late
+    with pytest.raises(Fenced):
+        store.write("node-1", e1, [C], [("c_total", '["a"]', 1, 1.0)], [key("k1")])
+    assert other.lookup_key("k1") is None

@@ -15,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 import keepcount
 from keepcount import Fenced, RegistryClosed, StoreUnavailable
 from keepcount.registry import Registry
-from keepcount.stores.base import FamilyDef, SeriesRow
+from keepcount.stores.base import FamilyDef, KeyRecord, SeriesRow
 from keepcount.stores.sqlite import SQLiteStore
 
 
@@ -31,12 +31,12 @@ class FaultyStore(SQLiteStore):
         self.entered = threading.Semaphore(0)
 
     def write(self, node: str, epoch: int, families: Sequence[FamilyDef],
-              series: Sequence[SeriesRow]) -> None:  # fmt: skip
+              series: Sequence[SeriesRow], keys: Sequence[KeyRecord] = ()) -> None:  # fmt: skip
         self.entered.release()
         assert self.gate.wait(10), "test gate never opened"
         if self.fail is not None:
             raise self.fail
-        super().write(node, epoch, families, series)
+        super().write(node, epoch, families, series, keys)
         self.writes.append(list(series))
 
 

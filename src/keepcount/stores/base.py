@@ -26,14 +26,25 @@ Contract of each method (the conformance suite in
     foreign store raises ``CorruptStore``; it never returns a partial or
     empty result in its place.
 
-``write(node, epoch, families, series) -> None``
-    Atomically upsert family definitions and series values: all or nothing,
-    durable when it returns (SQLite: committed with ``synchronous=FULL``).
+``write(node, epoch, families, series, keys=()) -> None``
+    Atomically upsert family definitions and series values and insert the
+    idempotency ``keys`` (``KeyRecord``): all or nothing, durable when it
+    returns (SQLite: committed with ``synchronous=FULL``).  Keys are
+    store-wide (not per node).  If any key is already recorded and not
+    expired, raises ``KeyConflict`` naming every such key and writes nothing;
+    an expired record is replaced.
     Idempotent: writing the same absolute values again changes nothing.
     Raises ``Fenced`` if the node's recorded epoch is not ``epoch``,
     ``StoreUnavailable`` if nothing was written (busy, disk full, I/O error),
     ``OutcomeUnknown`` if it cannot tell.  A series' ``created`` time is kept
     from its first write.
+
+``lookup_key(key) -> KeyRecord | None``
+    The record of an idempotency key, whichever node wrote it; None if there
+    is none or it has expired.
+
+``expire_keys(now, limit) -> int``
+    Delete up to ``limit`` records that expired at ``now``; return how many.
 
 ``read_cluster(name=None) -> ClusterSnapshot``
     Every node's families and series (optionally of one metric name),
@@ -61,6 +72,7 @@ from typing import Literal, Protocol, runtime_checkable
 __all__ = [
     "ClusterSnapshot",
     "FamilyDef",
+    "KeyRecord",
     "NodeRecord",
     "SeriesRow",
     "SeriesValue",
@@ -94,6 +106,24 @@ class FamilyDef:
             and self.labelnames == other.labelnames
             and self.buckets == other.buckets
         )
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """An idempotency key as recorded with the increment it guards."""
+
+    key: str
+    node: str
+    """The node whose write recorded it."""
+    fingerprint: str
+    """Digest of the request; the same key with another fingerprint is a misuse."""
+    result: str
+    """The answer given for it (opaque to the store; JSON of a receipt)."""
+    token: str
+    """Unique to the one increment that recorded it: lets a writer recognise
+    its own earlier write whose outcome it could not tell."""
+    expires: float
+    """Unix time after which the key is forgotten."""
 
 
 @dataclass(slots=True)
@@ -144,7 +174,12 @@ class Store(Protocol):
         epoch: int,
         families: Sequence[FamilyDef],
         series: Sequence[SeriesRow],
+        keys: Sequence[KeyRecord] = (),
     ) -> None: ...
+
+    def lookup_key(self, key: str) -> KeyRecord | None: ...
+
+    def expire_keys(self, now: float, limit: int = 1000) -> int: ...
 
     def read_cluster(self, name: str | None = None) -> ClusterSnapshot: ...
 

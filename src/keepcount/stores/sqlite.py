@@ -1,14 +1,18 @@
 """The embedded store: one SQLite file, shared by any number of node ids on one host.
 
-File format (``FORMAT_VERSION`` 1)
+File format (``FORMAT_VERSION`` 2)
 ----------------------------------
 An SQLite 3 database in WAL mode, identified by ``PRAGMA application_id =
-0x6B636E74`` ("kcnt") and ``PRAGMA user_version = 1``, with these tables::
+0x6B636E74`` ("kcnt") and ``PRAGMA user_version = 2``, with these tables::
 
-    meta(key PRIMARY KEY, value)          format = keepcount, format_version = 1
+    meta(key PRIMARY KEY, value)          format = keepcount, format_version = 2
     nodes(node PRIMARY KEY, epoch, claimed_at, released_at, pid, host)
     families(node, name, kind, help, labelnames, buckets)   PRIMARY KEY (node, name)
     series(node, name, labels, value, created)              PRIMARY KEY (node, name, labels)
+    idempotency(key PRIMARY KEY, node, fingerprint, result, token, expires)
+
+Version 1 (no ``idempotency`` table) is upgraded in place on open, in one
+transaction, once the file has passed every check below.
 
 ``labels`` is the JSON array of label values (``metrics.label_key``);
 ``buckets`` the JSON array of a histogram's finite upper bounds (+Inf implied);
@@ -64,12 +68,14 @@ from keepcount.errors import (
     Fenced,
     InvalidInput,
     KeepcountError,
+    KeyConflict,
     StoreUnavailable,
 )
 from keepcount.naming import check_node_id
 from keepcount.stores.base import (
     ClusterSnapshot,
     FamilyDef,
+    KeyRecord,
     NodeRecord,
     SeriesRow,
     Snapshot,
@@ -78,7 +84,8 @@ from keepcount.stores.base import (
 __all__ = ["APPLICATION_ID", "FORMAT_VERSION", "SQLiteStore"]
 
 APPLICATION_ID = 0x6B636E74  # "kcnt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_UPGRADABLE = (1,)  # older versions this one upgrades in place
 
 DEFAULT_BUSY_TIMEOUT = 5.0
 """Seconds a write waits for another process's write lock on the same file
@@ -86,7 +93,7 @@ before failing with ``StoreUnavailable``.  Flushes of other node ids on the
 same file take milliseconds; five seconds only runs out when something is
 wrong (a stuck process holding a transaction)."""
 
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
 CREATE TABLE nodes(
     node TEXT PRIMARY KEY,
@@ -114,11 +121,24 @@ CREATE TABLE series(
     PRIMARY KEY (node, name, labels)
 ) STRICT, WITHOUT ROWID;
 """
+_SCHEMA_V2 = """
+CREATE TABLE idempotency(
+    key TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    result TEXT NOT NULL,
+    token TEXT NOT NULL,
+    expires REAL NOT NULL
+) STRICT, WITHOUT ROWID;
+CREATE INDEX idempotency_expires ON idempotency(expires);
+"""
+_SCHEMA = _SCHEMA_V1 + _SCHEMA_V2
 _TABLES = {
     "meta": ["key", "value"],
     "nodes": ["node", "epoch", "claimed_at", "released_at", "pid", "host"],
     "families": ["node", "name", "kind", "help", "labelnames", "buckets"],
     "series": ["node", "name", "labels", "value", "created"],
+    "idempotency": ["key", "node", "fingerprint", "result", "token", "expires"],
 }
 
 # The first of a node's rows this format cannot hold: a series without its
@@ -142,6 +162,13 @@ LIMIT 1
 _UPSERT_FAMILY = (
     "INSERT INTO families(node, name, kind, help, labelnames, buckets) VALUES (?,?,?,?,?,?) "
     "ON CONFLICT(node, name) DO UPDATE SET help = excluded.help"
+)
+# Replaces an expired record; leaves a live one alone (rowcount 0: a conflict).
+_INSERT_KEY = (
+    "INSERT INTO idempotency(key, node, fingerprint, result, token, expires) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(key) DO UPDATE SET node = excluded.node, "
+    "fingerprint = excluded.fingerprint, result = excluded.result, token = excluded.token, "
+    "expires = excluded.expires WHERE idempotency.expires <= ?7"
 )
 _UPSERT_SERIES = (
     "INSERT INTO series(node, name, labels, value, created) VALUES (?,?,?,?,?) "
@@ -253,7 +280,7 @@ class SQLiteStore:
                 f"{where} is an SQLite database but not a keepcount store "
                 f"(application_id {app_id:#x}, expected {APPLICATION_ID:#x})"
             )
-        if user_version != FORMAT_VERSION:
+        if user_version != FORMAT_VERSION and user_version not in _UPGRADABLE:
             newer = " (upgrade keepcount)" if user_version > FORMAT_VERSION else ""
             raise CorruptStore(
                 f"{where} has format version {user_version}; this keepcount reads version "
@@ -277,19 +304,22 @@ class SQLiteStore:
             problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
             if problems != ["ok"]:
                 raise CorruptStore(f"{where} is corrupt: {'; '.join(problems)}")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            expected = {t: c for t, c in _TABLES.items() if version > 1 or t != "idempotency"}
             tables = {t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")] for t in _TABLES}
-            if tables != _TABLES:
+            tables = {t: c for t, c in tables.items() if c or t in expected}
+            if tables != expected:
                 raise CorruptStore(f"{where} does not have keepcount's schema: {tables}")
             meta = dict(conn.execute("SELECT key, value FROM meta"))
-            if meta.get("format") != "keepcount" or meta.get("format_version") != str(
-                FORMAT_VERSION
-            ):
+            if meta.get("format") != "keepcount" or meta.get("format_version") != str(version):
                 raise CorruptStore(f"{where} has unexpected format metadata {meta}")
             # Only now that the file is known to be ours may anything be changed.
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
                 raise StoreUnavailable(f"{where}: cannot use WAL journal mode (got {mode!r})")
             conn.execute("PRAGMA synchronous=FULL")
+            if version != FORMAT_VERSION:
+                _upgrade(conn)
         except KeepcountError:
             conn.close()
             raise
@@ -384,6 +414,7 @@ class SQLiteStore:
         epoch: int,
         families: Sequence[FamilyDef],
         series: Sequence[SeriesRow],
+        keys: Sequence[KeyRecord] = (),
     ) -> None:
         with self._lock, self._txn(f"write node {node!r}") as c:
             row = c.execute("SELECT epoch FROM nodes WHERE node = ?", (node,)).fetchone()
@@ -392,9 +423,42 @@ class SQLiteStore:
                     f"node {node!r}: epoch {epoch} was superseded by epoch "
                     f"{row[0] if row else None}; write refused"
                 )
+            if keys:
+                # Keys first: a live one aborts the whole write (rolled back by _txn).
+                now = time.time()
+                taken = [
+                    k.key
+                    for k in keys
+                    if c.execute(
+                        _INSERT_KEY,
+                        (k.key, k.node, k.fingerprint, k.result, k.token, k.expires, now),
+                    ).rowcount
+                    == 0
+                ]
+                if taken:
+                    raise KeyConflict(
+                        f"store {self.path}: idempotency keys already recorded: {taken}", taken
+                    )
             if families:
                 c.executemany(_UPSERT_FAMILY, [_family_row(node, f) for f in families])
             c.executemany(_UPSERT_SERIES, [(node, *s) for s in series])
+
+    def lookup_key(self, key: str) -> KeyRecord | None:
+        with self._lock, self._txn("look up an idempotency key", write=False) as c:
+            row = c.execute(
+                "SELECT key, node, fingerprint, result, token, expires FROM idempotency "
+                "WHERE key = ? AND expires > ?",
+                (key, time.time()),
+            ).fetchone()
+        return None if row is None else KeyRecord(*row)
+
+    def expire_keys(self, now: float, limit: int = 1000) -> int:
+        with self._lock, self._txn("expire idempotency keys") as c:
+            return c.execute(
+                "DELETE FROM idempotency WHERE key IN "
+                "(SELECT key FROM idempotency WHERE expires <= ? LIMIT ?)",
+                (now, limit),
+            ).rowcount
 
     def read_cluster(self, name: str | None = None) -> ClusterSnapshot:
         snap = ClusterSnapshot()
@@ -479,6 +543,25 @@ def _translate(exc: sqlite3.Error, context: str) -> KeepcountError:
     if code == _SQLITE_FULL:
         return StoreUnavailable(f"{context}: disk or file-size limit full ({name}: {exc})")
     return StoreUnavailable(f"{context} ({name}: {exc})")
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring a version-1 file to this version, in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] == 1:  # not upgraded meanwhile
+            for stmt in _SCHEMA_V2.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            conn.execute(
+                "UPDATE meta SET value = ? WHERE key = 'format_version'", (str(FORMAT_VERSION),)
+            )
+            conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _family(
