@@ -88,6 +88,15 @@ def label_value(name: str, value: object) -> str:
         raise InvalidInput(
             f"label {name!r}: value is longer than {MAX_LABEL_VALUE_LENGTH} characters"
         )
+    if not s.isascii():
+        # A lone surrogate (e.g. from JSON "\\ud800") cannot be encoded as
+        # UTF-8: every store write holding it would fail, forever.
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInput(
+                f"label {name!r}: value is not valid Unicode text (it holds a lone surrogate)"
+            ) from None
     return s
 
 

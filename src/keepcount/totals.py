@@ -23,6 +23,8 @@ class SeriesTotal:
     labels: dict[str, str]
     value: int | HistogramValue
     nodes: dict[str, int | HistogramValue] = field(default_factory=dict)
+    buckets: tuple[float, ...] = ()
+    """Histogram upper bounds (ending with +Inf); empty for counters."""
 
 
 def cluster_totals(snapshot: ClusterSnapshot) -> list[SeriesTotal]:
@@ -45,7 +47,9 @@ def cluster_totals(snapshot: ClusterSnapshot) -> list[SeriesTotal]:
                 0 if definition.kind == "counter"
                 else HistogramValue([0] * len(definition.buckets), 0.0)
             )  # fmt: skip
-            total = out[group] = SeriesTotal(name, definition.kind, labels, zero)
+            total = out[group] = SeriesTotal(
+                name, definition.kind, labels, zero, buckets=definition.buckets
+            )
         total.nodes[node] = value
         total.value = _add(total.value, value)
     return sorted(out.values(), key=lambda t: (t.name, sorted(t.labels.items())))

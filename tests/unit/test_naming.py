@@ -65,6 +65,9 @@ def test_label_values() -> None:
             label_value("status", bad)
     with pytest.raises(InvalidInput, match="longer"):
         label_value("route", "x" * (MAX_LABEL_VALUE_LENGTH + 1))
+    # A lone surrogate cannot be stored as UTF-8: refused up front, not at every flush.
+    with pytest.raises(InvalidInput, match="surrogate"):
+        label_value("route", "a\ud800b")
 
 
 @pytest.mark.parametrize("node", ["node-1", "n", "web.3", "A_b-9"])

@@ -16,9 +16,11 @@ def main() -> None:
 def _register() -> None:
     from keepcount.cli.bench import bench
     from keepcount.cli.demo import demo
+    from keepcount.cli.node import node
 
     main.add_command(demo)
     main.add_command(bench)
+    main.add_command(node)
 
 
 _register()
