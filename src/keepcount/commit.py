@@ -94,6 +94,8 @@ WriteFn = Callable[[Sequence[FamilyDef], Sequence[SeriesRow], Sequence[KeyRecord
 LookupFn = Callable[[str], KeyRecord | None]
 ExpireFn = Callable[[float], int]
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per call
+
 KeyedOutcome = tuple[int, bool, KeyRecord | None] | KeepcountError
 """What a keyed waiter gets: (value, replayed, record) or the error."""
 
@@ -207,6 +209,7 @@ class GroupCommit:
         """Keyed deltas queued or in flight, by key."""
         self.flushes = 0
         self._queued: list[Keyed] = []  # keyed deltas for the next flush
+        self._replies: dict[asyncio.AbstractEventLoop, list[tuple[Any, KeyedOutcome]]] = {}
         self._node = node
         self._lock = lock
         self._cv = threading.Condition(lock)
@@ -360,6 +363,7 @@ class GroupCommit:
         taken = _Flush(children, families, self._queued)
         self._queued = []
         self._compose(taken)
+        self._reply()  # increments _compose refused
         return taken
 
     def _compose(self, f: _Flush) -> None:
@@ -392,9 +396,8 @@ class GroupCommit:
     def _result(self, k: Keyed, value: int) -> str:
         child = k.child
         labels = dict(zip(child.family.labelnames, child.labelvalues, strict=True))
-        return json.dumps(
-            {"node": self._node, "name": child.family.name, "labels": labels, "value": value},
-            separators=(",", ":"),
+        return _encode(
+            {"node": self._node, "name": child.family.name, "labels": labels, "value": value}
         )
 
     def _finish(self, batch: _Batch, f: _Flush, error: KeepcountError | None) -> None:
@@ -413,10 +416,12 @@ class GroupCommit:
             if isinstance(error, Fenced):
                 self._fatal = error
         self._settle(batch, error)
+        self._reply()
         self._cv.notify()  # commits that queued behind this flush may go now
 
     def _answer(self, k: Keyed, outcome: KeyedOutcome, *, keep: bool = False) -> None:
-        """Wake ``k``'s waiters (lock held); forget ``k`` unless it stays queued.
+        """Queue the answer to ``k``'s waiters (lock held); forget ``k`` unless it
+        stays queued.  ``_reply()`` delivers every queued answer.
 
         The first waiter is the request that queued it; later ones joined it
         with the same key, so they are told it is a replay.
@@ -424,13 +429,17 @@ class GroupCommit:
         if not keep:
             self.keyed.pop(k.key, None)
         waiters, k.waiters = k.waiters, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, KeyedOutcome]]] = {}
         for i, fut in enumerate(waiters):
             answer = outcome
             if i and isinstance(outcome, tuple):
                 answer = (outcome[0], True, outcome[2])
-            by_loop.setdefault(fut.get_loop(), []).append((fut, answer))
-        for loop, answers in by_loop.items():
+            self._replies.setdefault(fut.get_loop(), []).append((fut, answer))
+
+    def _reply(self) -> None:
+        """Deliver the queued answers (lock held): one wake-up per event loop,
+        however many keyed increments a flush settled."""
+        replies, self._replies = self._replies, {}
+        for loop, answers in replies.items():
             try:
                 loop.call_soon_threadsafe(_resolve_keyed, answers)
             except RuntimeError:  # that loop is closed: nobody is waiting any more
@@ -501,6 +510,7 @@ class GroupCommit:
                     )
             f.keyed = keep
             self._compose(f)
+            self._reply()
         return None
 
     def _put_back(self, children: list[Any], families: list[Any]) -> None:
@@ -529,6 +539,7 @@ class GroupCommit:
         for k in list(self.keyed.values()):
             self._answer(k, error)
         self._queued.clear()
+        self._reply()
 
     def _sweep_keys(self) -> None:
         """Delete expired idempotency keys now and then (flusher thread, no lock)."""

@@ -116,7 +116,7 @@ class NodeProcess:
             code = self.proc.poll()
             if code is not None:
                 raise RuntimeError(
-                    f"node {self.node} exited with {code} before it was ready{self._tail()}"
+                    f"node {self.node} exited with {code} before it was ready{self.log_tail()}"
                 )
             status = self.readyz()
             if not seen or seen[-1] != status:
@@ -125,7 +125,7 @@ class NodeProcess:
                 return seen
             time.sleep(0.005)  # poll interval, not synchronisation: the loop awaits /readyz
         raise TimeoutError(
-            f"node {self.node} not ready within {timeout} s (saw {seen}){self._tail()}"
+            f"node {self.node} not ready within {timeout} s (saw {seen}){self.log_tail()}"
         )
 
     def signal(self, sig: int) -> None:
@@ -149,7 +149,7 @@ class NodeProcess:
             self.kill()
             self.proc.wait(10)
 
-    def _tail(self) -> str:
+    def log_tail(self) -> str:
         if self.log is None or not self.log.exists():
             return ""
         return "\n--- node log ---\n" + self.log.read_text(errors="replace")[-3000:]

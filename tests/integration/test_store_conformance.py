@@ -79,6 +79,9 @@ def test_write_without_a_claim_is_refused(store: Store) -> None:
     with pytest.raises(Fenced):
         store.write("ghost", 1, [C], [("c_total", '["a"]', 1, 1.0)])
     assert store.load("ghost").series_count() == 0
+    with pytest.raises(Fenced):  # values alone (a flush's usual shape) as well
+        store.write("ghost", 1, [], [("c_total", '["a"]', 1, 1.0)])
+    assert store.load("ghost").series_count() == 0
 
 
 def test_cluster_read_covers_every_node_even_released_ones(store: Store, other: Store) -> None:

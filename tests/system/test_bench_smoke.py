@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = ("inc", "durable", "restore", "flush")
-INSTALL = "run scripts/setup.sh (apt-get install redis-server redis-tools)"
+BENCHMARKS = ("inc", "durable", "restore", "flush", "http")
+INSTALL = "run scripts/setup.sh (apt-get install redis-server redis-tools wrk)"
 
 
 def _keepcount() -> list[str]:
@@ -27,7 +27,7 @@ def _keepcount() -> list[str]:
 
 
 def test_bench_all_quick_reports_every_benchmark(tmp_path: Path) -> None:
-    for tool in ("redis-server", "redis-cli", "redis-benchmark"):
+    for tool in ("redis-server", "redis-cli", "redis-benchmark", "wrk"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} not found: {INSTALL}")
     out = tmp_path / "b.json"

@@ -5,7 +5,8 @@ One module per benchmark, each with ``run(settings, report) -> BenchResult``:
 - ``inc``: in-memory increment vs prometheus_client;
 - ``durable``: acknowledged increments/s vs Redis ``INCR`` with ``appendfsync always``;
 - ``restore``: open + close with 10k..1M counters vs a bare SQLite read;
-- ``flush``: commit of 10 dirty counters among 1M vs among 10.
+- ``flush``: commit of 10 dirty counters among 1M vs among 10;
+- ``http``: durable HTTP increments/s vs a no-op endpoint of the same node.
 
 Example::
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from keepcount.bench import durable, flush, inc, restore
+from keepcount.bench import durable, flush, http, inc, restore
 from keepcount.bench.result import (
     BenchError,
     BenchResult,
@@ -44,5 +45,6 @@ BENCHMARKS: dict[str, Callable[[Settings, Report], BenchResult]] = {
     "durable": durable.run,
     "restore": restore.run,
     "flush": flush.run,
+    "http": http.run,
 }
 """In the order ``all`` runs them: ``flush`` reuses the store ``restore`` built."""

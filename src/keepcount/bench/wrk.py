@@ -2,7 +2,9 @@
 
 A Python client tops out at a few hundred requests per second on this
 machine (INFRA.md), far below the server; wrk does not.  Each request is a
-POST of one of a few JSON bodies, picked round-robin by a Lua script.
+POST of one of a few JSON bodies, picked round-robin by a Lua script, and
+optionally carries an ``Idempotency-Key`` unique to the request (prefix,
+wrk thread, sequence number).
 """
 
 from __future__ import annotations
@@ -20,13 +22,28 @@ __all__ = ["WrkRun", "require_wrk", "run_wrk"]
 
 _INSTALL = "apt-get install -y wrk   (or: scripts/setup.sh)"
 
+# wrk runs setup() once per thread in its main Lua state, then each thread
+# runs request() in a state of its own: ``tid`` is set into that state.
 _SCRIPT = """
 local bodies = {%(bodies)s}
+local path = %(path)s
+local key_prefix = %(key_prefix)s
 local headers = {["Content-Type"] = "application/json"}
 local i = 0
+local seq = 0
+local threads = 0
+tid = 0
+setup = function(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
 request = function()
   i = i %% #bodies + 1
-  return wrk.format("POST", "%(path)s", headers, bodies[i])
+  if key_prefix then
+    seq = seq + 1
+    headers["Idempotency-Key"] = key_prefix .. tid .. "-" .. seq
+  end
+  return wrk.format("POST", path, headers, bodies[i])
 end
 done = function(summary, latency, requests)
   io.write(string.format("KEEPCOUNT %%d %%d %%d %%d %%d %%d %%d\\n",
@@ -40,6 +57,7 @@ end
 @dataclass(frozen=True, slots=True)
 class WrkRun:
     requests: int
+    """Responses received (any status)."""
     seconds: float
     socket_errors: int
     non_2xx: int
@@ -71,12 +89,20 @@ def run_wrk(
     threads: int,
     duration: float,
     workdir: Path,
+    key_prefix: str | None = None,
 ) -> WrkRun:
     """One wrk run of ``duration`` seconds (wrk's own bound; also a timeout here)."""
     wrk = require_wrk()
     script = workdir / "keepcount-bench.lua"
-    lua_bodies = ", ".join(json.dumps(b) for b in bodies)  # a JSON string is a valid Lua string
-    script.write_text(_SCRIPT % {"bodies": lua_bodies, "path": path})
+    # A JSON string is a valid Lua string literal (ASCII, the usual escapes).
+    script.write_text(
+        _SCRIPT
+        % {
+            "bodies": ", ".join(json.dumps(b) for b in bodies),
+            "path": json.dumps(path),
+            "key_prefix": "nil" if key_prefix is None else json.dumps(key_prefix),
+        }
+    )
     seconds = max(1, round(duration))
     cmd = [
         wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",

@@ -16,16 +16,20 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from types import FrameType
 
 import click
 import uvicorn
+from starlette.routing import BaseRoute
 
 from keepcount.commit import DEFAULT_FLUSH_INTERVAL, DEFAULT_IDEMPOTENCY_TTL
 from keepcount.errors import InvalidInput
 from keepcount.metrics import DEFAULT_MAX_CHILDREN
 from keepcount.node import DEFAULT_CLAIM_TIMEOUT, DEFAULT_MAX_BODY, Node, NodeConfig, create_app
 from keepcount.stores import sqlite_path
+
+__all__ = ["node", "parse_listen", "serve"]
 
 DEFAULT_LISTEN = "127.0.0.1:8101"
 
@@ -118,10 +122,19 @@ def node(
         )
     except InvalidInput as exc:
         raise click.UsageError(str(exc)) from None
+    raise SystemExit(serve(config, host, port))
+
+
+def serve(config: NodeConfig, host: str, port: int, *, routes: Sequence[BaseRoute] = ()) -> int:
+    """Run the node until SIGTERM/SIGINT (or a fatal start); the exit status.
+
+    ``routes`` go before the API's (the HTTP benchmark's no-op endpoint: the
+    same process, server and stack as the product, see ``create_app``).
+    """
     sock = _bind(host, port)
     port = sock.getsockname()[1]
     where = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    name = f"keepcount node {node_id}"
+    name = f"keepcount node {config.node}"
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
@@ -142,7 +155,7 @@ def node(
     def fatal(message: str) -> None:
         server.should_exit = True
 
-    app = create_app(config, on_ready=ready, on_fatal=fatal)
+    app = create_app(config, routes=routes, on_ready=ready, on_fatal=fatal)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -164,7 +177,7 @@ def node(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
-    click.echo(f"{name}: serving on {where}; claiming and restoring from {store}", err=True)
+    click.echo(f"{name}: serving on {where}; claiming and restoring from {config.store}", err=True)
     try:
         server.run(sockets=[sock])
     finally:
@@ -172,11 +185,12 @@ def node(
     state: Node = app.state.node
     if state.fatal is not None:
         click.echo(f"{name}: did not start (see above); exit 1", err=True)
-        raise SystemExit(1)
+        return 1
     if state.close_error is not None:
         click.echo(f"{name}: stopped, but the final flush failed (see above); exit 1", err=True)
-        raise SystemExit(1)
+        return 1
     if state.registry is None:
         click.echo(f"{name}: stopped before it was ready; nothing was claimed", err=True)
     else:
         click.echo(f"{name}: stopped; counters flushed, claim released", err=True)
+    return 0

@@ -1,0 +1,172 @@
+"""``http``: durable HTTP increments/s against a no-op endpoint of the same server.
+
+One ``keepcount node`` process (``keepcount.bench.httpnode``: the product's
+node plus ``POST /bench/noop``) on a SQLite file; wrk with 64 connections
+posts the same JSON bodies alternately to ``/v1/counters/{name}/increment``
+(answered only once the increment is durable) and to the no-op endpoint
+(answered at once), ``repeats`` times each, then once more per repeat with
+a unique ``Idempotency-Key`` on every increment.  The ratio durable / no-op
+is what durability costs on top of the server stack (target >= 0.8).
+
+Every figure is checked against the store afterwards: the cluster total
+read back from the node must lie between the increments wrk saw answered
+200 and that plus the requests that may have been in flight when each wrk
+run stopped (one per connection).  The node is then stopped with SIGTERM and
+must exit 0 (flushed, claim released).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import tempfile
+import uuid
+from pathlib import Path
+
+from keepcount.bench.measure import median
+from keepcount.bench.result import BenchError, BenchResult, Comparison, Report, Settings, Target
+from keepcount.bench.wrk import WrkRun, require_wrk, run_wrk
+from keepcount.nodeproc import NodeProcess, free_port, http_get
+
+__all__ = ["CONNECTIONS", "NOOP_PATH", "TARGET", "run"]
+
+CONNECTIONS = 64
+THREADS = 2  # wrk's; the node is one process with one event loop
+LABEL_SETS = 8
+TARGET = Target("ratio", ">=", 0.8)
+NOOP_PATH = "/bench/noop"
+"""The no-op endpoint ``keepcount.bench.httpnode`` adds."""
+_NAME = "bench_http_total"
+_PATH = f"/v1/counters/{_NAME}/increment"
+_BODIES = [
+    json.dumps({"labels": {"route": f"/r{i // 2}", "status": str(200 + i % 2)}, "by": 1})
+    for i in range(LABEL_SETS)
+]
+
+
+def run(settings: Settings, report: Report) -> BenchResult:
+    require_wrk()
+    repeats = 1 if settings.quick else 3
+    steps = 3 * repeats + 2
+    result = BenchResult("http", f"durable HTTP increments/s, {CONNECTIONS} connections (wrk)")
+    with tempfile.TemporaryDirectory(prefix="http-", dir=settings.workdir) as tmp:
+        work = Path(tmp)
+        node = NodeProcess(
+            "bench",
+            f"sqlite:///{work}/http.db",
+            port=free_port(),
+            log=work / "node.log",
+            module="keepcount.bench.httpnode",
+            command=(),
+        )
+        report(0, steps, "http: starting the node")
+        node.start()
+        try:
+            try:
+                node.wait_ready(timeout=30)
+            except (RuntimeError, TimeoutError) as exc:
+                raise BenchError(str(exc)) from None
+
+            def wrk(path: str, key_prefix: str | None = None, duration: float = 0) -> WrkRun:
+                got = run_wrk(
+                    node.url,
+                    path,
+                    _BODIES,
+                    connections=CONNECTIONS,
+                    threads=THREADS,
+                    duration=duration or settings.duration,
+                    workdir=work,
+                    key_prefix=key_prefix,
+                )
+                if got.non_2xx or got.socket_errors or not got.ok:
+                    raise BenchError(
+                        f"wrk against {path}: {got.ok} ok, {got.non_2xx} non-2xx, "
+                        f"{got.socket_errors} socket errors{node.log_tail()}"
+                    )
+                return got
+
+            report(1, steps, "http: warm-up")
+            warm = [wrk(_PATH, duration=1), wrk(NOOP_PATH, duration=1)]
+            ours: list[WrkRun] = []
+            peer: list[WrkRun] = []
+            keyed: list[WrkRun] = []
+            for i in range(repeats):
+                report(2 + 3 * i, steps, f"http: durable increments {i + 1}/{repeats}")
+                ours.append(wrk(_PATH))
+                report(3 + 3 * i, steps, f"http: no-op endpoint {i + 1}/{repeats}")
+                peer.append(wrk(NOOP_PATH))
+                report(4 + 3 * i, steps, f"http: keyed increments {i + 1}/{repeats}")
+                keyed.append(wrk(_PATH, key_prefix=f"{uuid.uuid4().hex[:12]}-"))
+            increments = [warm[0], *ours, *keyed]
+            acked = sum(r.ok for r in increments)
+            stored = _stored(node)
+            in_flight = CONNECTIONS * len(increments)
+            if not acked <= stored <= acked + in_flight:
+                raise BenchError(
+                    f"the store holds {stored} increments; wrk saw {acked} acknowledged "
+                    f"(at most {in_flight} more may have been in flight)"
+                )
+            report(steps - 1, steps, "http: stopping the node (SIGTERM)")
+            node.signal(signal.SIGTERM)
+            code = node.wait(30)
+            if code != 0:
+                raise BenchError(f"the node exited with {code} on SIGTERM{node.log_tail()}")
+        finally:
+            node.stop()
+    peer_name = "no-op POST endpoint, same node process"
+    result.comparisons = [
+        Comparison(
+            "durable increments/s",
+            "ops/s",
+            median([r.per_s for r in ours]),
+            median([r.per_s for r in peer]),
+            peer_name,
+            TARGET,
+            {"keepcount_runs": [r.per_s for r in ours], "noop_runs": [r.per_s for r in peer]},
+        ),
+        Comparison(
+            "latency p50",
+            "ms",
+            median([r.p50_ms for r in ours]),
+            median([r.p50_ms for r in peer]),
+            peer_name,
+        ),
+        Comparison(
+            "latency p99",
+            "ms",
+            median([r.p99_ms for r in ours]),
+            median([r.p99_ms for r in peer]),
+            peer_name,
+        ),
+        Comparison(
+            "keyed increments/s (unique Idempotency-Key each)",
+            "ops/s",
+            median([r.per_s for r in keyed]),
+            median([r.per_s for r in peer]),
+            peer_name,
+            detail={"keyed_runs": [r.per_s for r in keyed]},
+            note=(
+                f"p50 {median([r.p50_ms for r in keyed]):.2f} ms, "
+                f"p99 {median([r.p99_ms for r in keyed]):.2f} ms"
+            ),
+        ),
+    ]
+    result.notes = {
+        "connections": CONNECTIONS,
+        "wrk_threads": THREADS,
+        "label_sets": LABEL_SETS,
+        "duration_s": settings.duration,
+        "repeats": repeats,
+        "acknowledged": acked,
+        "stored": stored,
+        "store": "SQLite WAL, synchronous=FULL",
+        "server": "uvicorn (uvloop, httptools) + Starlette, one process",
+    }
+    return result
+
+
+def _stored(node: NodeProcess) -> int:
+    status, body = http_get(node.host, node.port, f"/v1/cluster/counters/{_NAME}", timeout=30)
+    if status != 200:
+        raise BenchError(f"reading the totals back: {status} {body[:300]!r}")
+    return sum(int(c["value"]) for c in json.loads(body)["counters"])
