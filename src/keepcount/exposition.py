@@ -135,6 +135,11 @@ class _HistogramFamily(HistogramMetricFamily):
             self.samples.append(Sample(self.name + "_created", labeldict, created))
 
 
+CREATED_WAIT = 60.0
+"""Seconds a scrape waits for restored created times (a million series load
+in about a second)."""
+
+
 class KeepcountCollector:
     """A prometheus_client collector over a keepcount ``Registry``.
 
@@ -170,6 +175,10 @@ class KeepcountCollector:
         registry = self._ref()
         if registry is None:
             return
+        # Restored series' created times load in the background after open();
+        # a scrape right after a restart waits for them rather than expose a
+        # series without its _created (it would look like a new series).
+        registry.wait_created(CREATED_WAIT)
         claimed: set[str] = set()
         families = sorted(registry.families(), key=lambda f: f.name)
         for family in families:

@@ -387,6 +387,14 @@ class MetricFamily(Generic[ChildT]):
     def _decode(self, raw: SeriesValue) -> Any:
         return raw
 
+    def _set_restored_created(self, created: dict[str, float]) -> None:
+        """Created times of the restored series, read after the values (lock
+        held): children made from them meanwhile get theirs now."""
+        for values, child in self._children.items():
+            if values is child.labelvalues and child.created is None:
+                child.created = created.get(child.key)
+        self._restored_created = created
+
     def _redefine(self, new: FamilyDef) -> None:
         if not new.same_shape(self._definition):
             old = self._definition

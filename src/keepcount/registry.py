@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import json
+import logging
 import threading
 import time
 import weakref
@@ -53,6 +54,8 @@ from keepcount.stores.base import FamilyDef, KeyRecord, SeriesRow, SeriesValue, 
 from keepcount.totals import SeriesTotal, cluster_totals
 
 __all__ = ["Receipt", "Registry", "open"]
+
+log = logging.getLogger("keepcount.registry")
 
 _open_registries: weakref.WeakSet[Registry] = weakref.WeakSet()
 
@@ -155,16 +158,40 @@ class Registry:
             snapshot = store.load(node)
             for name, definition in snapshot.families.items():
                 values = snapshot.values.get(name, {})
-                family = self._family(definition, values, max_children)
-                family._restored_created = snapshot.created.get(name, {})
-                self._families[name] = family
+                self._families[name] = self._family(definition, values, max_children)
         except BaseException:
             store.release(node, self.epoch)
             raise
         self.restored_series = snapshot.series_count()
         self.restore_seconds = time.perf_counter() - started
+        self._created = threading.Event()
+        if self.restored_series:
+            threading.Thread(
+                target=self._load_created, name=f"keepcount-created-{node}", daemon=True
+            ).start()
+        else:
+            self._created.set()
         self._group.start()
         _open_registries.add(self)
+
+    def _load_created(self) -> None:
+        """Read the restored series' created times (for ``_created`` samples)
+        after the values: as long again to read, and not needed to count."""
+        try:
+            created = self.store.load_created(self.node)
+        except Exception as exc:  # a closed or failing store: exposition goes without
+            if not self._closed:
+                log.warning("node %s: cannot read created times: %s", self.node, exc)
+            created = {}
+        with self._lock:
+            for name, family in self._families.items():
+                family._set_restored_created(created.get(name, {}))
+        self._created.set()
+
+    def wait_created(self, timeout: float | None = None) -> bool:
+        """Wait until the restored series' created times are loaded (they load
+        in the background after ``open()``); False if ``timeout`` passed."""
+        return self._created.wait(timeout)
 
     # -- families --------------------------------------------------------------
 

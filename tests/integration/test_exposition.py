@@ -186,6 +186,21 @@ def test_restored_untouched_series_appear_with_value_and_created(db_url: str) ->
             assert families["http_requests"].documentation == "Requests"
 
 
+def test_children_touched_before_created_times_load_get_them(db_url: str) -> None:
+    """Created times load in the background after open(); a child made from a
+    restored series before (or after) they arrive ends up with its own."""
+    with reopen(db_url) as reg:
+        fam = reg.counter("jobs_total", "", ["q"])
+        first = {q: fam.labels(q).inc() or fam.labels(q).created for q in ("a", "b", "c")}
+    with reopen(db_url) as reg:
+        fam = reg.counter("jobs_total", "", ["q"])
+        early = fam.labels("a")  # most likely before the background read ended
+        assert reg.wait_created(30)
+        assert early.created == first["a"]
+        assert fam.labels("b").created == first["b"]
+        assert {v: c for v, _, c in fam.series()} == {(q,): t for q, t in first.items()}
+
+
 @pytest.mark.parametrize(("accept", "parse"), FORMATS)
 def test_created_is_the_same_across_a_restart_and_values_never_reset(
     db_url: str, accept: str | None, parse: Parser

@@ -111,6 +111,8 @@ def test_help_updates_but_created_is_kept(store: Store) -> None:
         [("c_total", "[]", 2, 200.0)],
     )
     assert store.load("node-1").families["c_total"].help == "new help"
+    assert store.load_created("node-1") == {"c_total": {"[]": 100.0}}
+    assert store.load_created("nobody") == {}
 
 
 def test_values_up_to_int64_max_survive(store: Store) -> None:

@@ -22,9 +22,15 @@ Contract of each method (the conformance suite in
 
 ``load(node) -> Snapshot``
     Every family definition and series value the node wrote, as of the last
-    successful ``write``, with each series' ``created`` time.  Unknown node: an empty snapshot.  A damaged or
+    successful ``write``.  Unknown node: an empty snapshot.  A damaged or
     foreign store raises ``CorruptStore``; it never returns a partial or
     empty result in its place.
+
+``load_created(node) -> dict[str, dict[str, float]]``
+    metric name -> label key -> the series' ``created`` time (kept from its
+    first write).  Apart from ``load`` because only exposition needs it and
+    it costs as much to read as the values: the registry reads it after it
+    turned ready, beside the flusher, so it must not hold up ``write``.
 
 ``write(node, epoch, families, series, keys=()) -> None``
     Atomically upsert family definitions and series values and insert the
@@ -133,8 +139,6 @@ class Snapshot:
     families: dict[str, FamilyDef] = field(default_factory=dict)
     values: dict[str, dict[str, SeriesValue]] = field(default_factory=dict)
     """metric name -> label key -> value."""
-    created: dict[str, dict[str, float]] = field(default_factory=dict)
-    """metric name -> label key -> unix time of the series' first write."""
 
     def series_count(self) -> int:
         return sum(len(v) for v in self.values.values())
@@ -167,6 +171,8 @@ class Store(Protocol):
     def claim(self, node: str, epoch: int | None = None) -> int: ...
 
     def load(self, node: str) -> Snapshot: ...
+
+    def load_created(self, node: str) -> dict[str, dict[str, float]]: ...
 
     def write(
         self,

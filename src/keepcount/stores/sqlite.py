@@ -247,6 +247,7 @@ class SQLiteStore:
         self.url = f"sqlite:///{self.path}"
         self._lock = threading.Lock()
         self._claims: dict[str, int] = {}  # node -> descriptor holding its flock
+        self._readers: set[sqlite3.Connection] = set()  # load_created's, interrupted by close()
         self._closed = False
         if not self.path.parent.is_dir():
             raise InvalidInput(
@@ -455,12 +456,43 @@ class SQLiteStore:
                 snap.values[name] = dict(
                     c.execute("SELECT labels, value FROM series WHERE node = ? AND name = ?", args)
                 )
-                snap.created[name] = dict(
-                    c.execute(
-                        "SELECT labels, created FROM series WHERE node = ? AND name = ?", args
+        return snap
+
+    def load_created(self, node: str) -> dict[str, dict[str, float]]:
+        # A connection of its own (WAL: readers never block the writer), so
+        # the flusher's writes go on while a million rows are read.
+        where = f"store {self.path}: load the created times of node {node!r}"
+        with self._lock:
+            self._check_open()
+            try:
+                conn = sqlite3.connect(
+                    f"{Path(os.path.abspath(self.path)).as_uri()}?mode=ro",
+                    uri=True,
+                    check_same_thread=False,
+                )
+            except sqlite3.Error as exc:
+                raise _translate(exc, where) from exc
+            self._readers.add(conn)
+        out: dict[str, dict[str, float]] = {}
+        try:
+            conn.execute("BEGIN")
+            names = [
+                n for (n,) in conn.execute("SELECT name FROM families WHERE node = ?", (node,))
+            ]
+            for name in names:
+                out[name] = dict(
+                    conn.execute(
+                        "SELECT labels, created FROM series WHERE node = ? AND name = ?",
+                        (node, name),
                     )
                 )
-        return snap
+        except sqlite3.Error as exc:
+            raise _translate(exc, where) from exc
+        finally:
+            with self._lock:
+                self._readers.discard(conn)
+            conn.close()
+        return out
 
     def write(
         self,
@@ -601,6 +633,8 @@ class SQLiteStore:
             for fd in self._claims.values():
                 os.close(fd)
             self._claims.clear()
+            for reader in self._readers:
+                reader.interrupt()  # its thread closes it
             self._conn.close()
 
     # -- helpers ---------------------------------------------------------------
