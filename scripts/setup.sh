@@ -8,8 +8,12 @@ cd "$(dirname "$0")/.."
 
 # Debian packages keepcount uses.  redis-server/redis-tools: the peer of
 # `keepcount bench` (Redis INCR with appendfsync always).  wrk: the HTTP load
-# generator of the node benchmark.
-APT_PACKAGES=(python3 python3-venv python3-pip redis-server redis-tools wrk)
+# generator of the node benchmark.  etcd, ZooKeeper (with a JRE: the
+# machine's JDK, else default-jre-headless), HAProxy and NGINX: the local
+# cluster's coordinators and load balancers, started by keepcount itself on
+# loopback, never as system services.
+APT_PACKAGES=(python3 python3-venv python3-pip redis-server redis-tools wrk
+              etcd-server etcd-client haproxy nginx zookeeper)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"
@@ -26,6 +30,11 @@ for pkg in "${APT_PACKAGES[@]}"; do
     redis-server) command -v redis-server >/dev/null 2>&1 || missing+=("$pkg") ;;
     redis-tools) command -v redis-benchmark >/dev/null 2>&1 || missing+=("$pkg") ;;
     wrk) command -v wrk >/dev/null 2>&1 || missing+=("$pkg") ;;
+    etcd-server) command -v etcd >/dev/null 2>&1 || missing+=("$pkg") ;;
+    etcd-client) command -v etcdctl >/dev/null 2>&1 || missing+=("$pkg") ;;
+    haproxy) command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=("$pkg") ;;
+    nginx) command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=("$pkg") ;;
+    zookeeper) [ -f /usr/share/java/zookeeper.jar ] || missing+=("$pkg") ;;
   esac
 done
 if [ "${#missing[@]}" -gt 0 ]; then
