@@ -14,7 +14,9 @@ layer puts in its ``{"error": {"code", "message"}}`` bodies::
     │   └── CorruptStore        fatal: corrupt, truncated, foreign, wrong version
     ├── ClaimError
     │   ├── ClaimConflict       another live process holds this node id
+    │   ├── ClaimLost           the coordinator no longer vouches for this claim
     │   └── Fenced              a newer incarnation (higher epoch) took over
+    ├── CoordinatorUnavailable  etcd / ZooKeeper cannot be reached (retryable)
     ├── KeyConflict             (internal) a write's idempotency key is already recorded
     └── RegistryClosed          the registry was closed
 
@@ -34,6 +36,8 @@ __all__ = [
     "CardinalityError",
     "ClaimConflict",
     "ClaimError",
+    "ClaimLost",
+    "CoordinatorUnavailable",
     "CorruptStore",
     "DefinitionConflict",
     "Fenced",
@@ -141,6 +145,14 @@ class ClaimConflict(ClaimError):
     code = "claim_conflict"
 
 
+class ClaimLost(ClaimError):
+    """The claim's lease / session ran out, or may have: the coordinator could
+    not be reached before the local deadline (grant time + TTL - margin).
+    Nothing more is acknowledged under it."""
+
+    code = "claim_lost"
+
+
 class Fenced(ClaimError):
     """A newer incarnation of this node id (higher epoch) holds the claim.
 
@@ -149,6 +161,12 @@ class Fenced(ClaimError):
     """
 
     code = "fenced"
+
+
+class CoordinatorUnavailable(KeepcountError):
+    """The coordinator (etcd, ZooKeeper) did not answer in time; retry later."""
+
+    code = "coordinator_unavailable"
 
 
 class RegistryClosed(KeepcountError):
