@@ -5,21 +5,14 @@ from __future__ import annotations
 import http.client
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from keepcount.nodeproc import free_port
 from keepcount.stores import open_store
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def request(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
