@@ -14,21 +14,37 @@ Life of a node:
    away: ``/healthz`` is 200, ``/readyz`` 503 (``not_ready``), every data
    endpoint 503.  A background task claims the node id and restores its
    values (``keepcount.open``, in a thread: it blocks).
-2. **Claim.** If another live process holds the id (``ClaimConflict``: an
-   overlap; a killed predecessor's lock was released by the kernel when it
-   died) or the store cannot be reached (``StoreUnavailable``), the task
+2. **Claim.** With a coordinator (``NodeConfig.coordinator``, etcd or
+   ZooKeeper) the node first claims its id there (a lease / an ephemeral
+   node, kept alive by the coordinator client's own thread) and gets an
+   epoch that only grows; the store then records that epoch, which fences
+   every older incarnation's writes.  Without one, the store issues the
+   epoch and holds a lock (SQLite: a ``flock``).  If another live process
+   holds the id (``ClaimConflict``), the coordinator or the store cannot be
+   reached (``CoordinatorUnavailable``, ``StoreUnavailable``), the task
    retries with a backoff for up to ``claim_timeout`` seconds.  A
-   ``CorruptStore``, an invalid store URL, any other error, or running out
-   of time is *fatal*: the node never turns ready, the message is logged and
-   kept in ``Node.fatal``, and ``on_fatal`` is called.  The CLI's
-   ``on_fatal`` sets uvicorn's ``server.should_exit``; once the server has
-   stopped, the CLI sees ``Node.fatal`` and exits 1.
-3. **Ready.** ``/readyz`` is 200 while the registry is open and holds its
-   claim; 503 again once it is fenced (a newer incarnation took the id) or
-   the node is shutting down.
+   ``CorruptStore``, an invalid URL, a store that already holds a newer
+   epoch (``Fenced``), any other error, or running out of time is *fatal*:
+   the node never turns ready, the message is logged and kept in
+   ``Node.fatal``, and ``on_fatal`` is called.  The CLI's ``on_fatal`` sets
+   uvicorn's ``server.should_exit``; once the server has stopped, the CLI
+   sees ``Node.fatal`` and exits with ``Node.exit_code``.
+3. **Ready.** ``/readyz`` is 200 while the registry is open, not fenced, and
+   the claim is *trusted*: with a coordinator, until the local deadline of
+   the last renewal (its send time + TTL - a margin), which passes before
+   the coordinator can let the lease expire.  So a node cut off from the
+   coordinator, or paused (SIGSTOP) past its TTL, stops acknowledging before
+   anyone else can take its id: an increment made durable after that is
+   answered 503 ``claim_lost`` (not acknowledged; a retry with the same
+   ``Idempotency-Key`` is counted once).  If renewals succeed again in time
+   the node serves again.  Once the claim is *lost* (the coordinator says
+   so) or the store fenced this incarnation, it never serves again: it
+   stops with ``exit_code`` 3 so that a supervisor starts a new
+   incarnation.
 4. **Shutdown** (lifespan end: uvicorn stopped accepting and let the requests
    in flight finish): ``registry.aclose()`` flushes everything and releases
-   the claim.  Its error, if any, is kept in ``Node.close_error``.
+   the store claim, then the coordinator claim is released.  A final flush
+   error is kept in ``Node.close_error``.
 
 Requests: ``POST /v1/counters/{name}/increment`` answers 200 only after the
 increment is durable (``Registry.increment``); concurrent requests share one
@@ -51,11 +67,13 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from prometheus_client.utils import floatToGoString
 from starlette.applications import Starlette
@@ -70,6 +88,7 @@ from keepcount.commit import DEFAULT_FLUSH_INTERVAL, DEFAULT_IDEMPOTENCY_TTL
 from keepcount.errors import (
     ClaimConflict,
     ClaimError,
+    CoordinatorUnavailable,
     InvalidInput,
     KeepcountError,
     RegistryClosed,
@@ -89,8 +108,13 @@ from keepcount.openapi import OPENAPI
 from keepcount.registry import Registry
 from keepcount.totals import SeriesTotal
 
+if TYPE_CHECKING:
+    from keepcount.coordination.base import Claim, Coordinator
+
 __all__ = [
     "DEFAULT_CLAIM_TIMEOUT",
+    "DEFAULT_CLAIM_TTL",
+    "EXIT_CLAIM_LOST",
     "DEFAULT_MAX_BODY",
     "HTTPError",
     "Node",
@@ -110,9 +134,20 @@ before it gives up and exits.  Long enough for an overlapping predecessor's
 graceful shutdown (uvicorn's drain, then a final flush); a *killed*
 predecessor's lock is already gone."""
 
+DEFAULT_CLAIM_TTL = 2.0
+"""Seconds a coordinator keeps the claim of a node that stopped renewing it
+(killed, paused, cut off).  It bounds how long a node id is unavailable after
+its host is lost; a *killed* node's claim is evicted at once by the failure
+detector, which saw the process exit."""
+
+EXIT_CLAIM_LOST = 3
+"""Exit status of a node that lost its claim (or was fenced) while serving: a
+supervisor should start a new incarnation."""
+
 RETRY_AFTER = "1"
 """Seconds a client should wait before retrying a 503 (sent as Retry-After)."""
 
+_WATCH_INTERVAL = 0.05  # seconds between checks for a lost claim while serving
 _CLAIM_BACKOFF = (0.05, 1.0)  # first and largest wait between claim attempts, seconds
 _KEY = re.compile(r"[!-~]{1,255}")  # Idempotency-Key (and token): printable ASCII, no spaces
 _KEY_BYTES = re.compile(rb"[!-~]{1,255}")
@@ -146,6 +181,12 @@ class NodeConfig:
     flush_interval: float | None = DEFAULT_FLUSH_INTERVAL
     max_children: int | None = DEFAULT_MAX_CHILDREN
     claim_timeout: float = DEFAULT_CLAIM_TIMEOUT
+    coordinator: str | None = None
+    """``etcd://...`` or ``zookeeper://...``: claim the id there (see the module docstring)."""
+    claim_ttl: float = DEFAULT_CLAIM_TTL
+    """Seconds the coordinator keeps a claim whose holder stopped renewing it."""
+    advertise: str | None = None
+    """The node's URL, published with its claim for the cluster tooling."""
 
     def __post_init__(self) -> None:
         check_node_id(self.node)
@@ -163,6 +204,12 @@ class NodeConfig:
             raise InvalidInput(f"max_children must be at least 1, not {self.max_children}")
         if not self.claim_timeout >= 0:
             raise InvalidInput(f"claim_timeout must not be negative, not {self.claim_timeout}")
+        if self.coordinator is not None and "://" not in self.coordinator:
+            raise InvalidInput(
+                f"invalid coordinator URL {self.coordinator!r}: expected scheme://..."
+            )
+        if not self.claim_ttl > 0:
+            raise InvalidInput(f"claim_ttl must be positive, not {self.claim_ttl}")
 
 
 class HTTPError(Exception):
@@ -213,6 +260,10 @@ class Node:
         self.close_error: str | None = None
         self.waiting: str | None = None
         """Why the claim is still being retried (for /readyz), if it is."""
+        self.exit_code = 1
+        """With ``fatal``: 1 if the node never served, ``EXIT_CLAIM_LOST`` if it lost its claim."""
+        self.claim: Claim | None = None
+        self._coordinator: Coordinator | None = None
         self.on_ready = on_ready
         self.on_fatal = on_fatal
         self._stopping = False
@@ -239,20 +290,39 @@ class Node:
                 try:
                     await self.registry.aclose()
                 except KeepcountError as exc:
-                    self.close_error = str(exc)
-                    log.error("node %s: final flush failed: %s", self.config.node, exc)
+                    if not self.registry.fenced:
+                        self.close_error = str(exc)
+                        log.error("node %s: final flush failed: %s", self.config.node, exc)
+            await asyncio.to_thread(self._release_claim)
+
+    def _release_claim(self) -> None:
+        claim, coordinator = self.claim, self._coordinator
+        self._coordinator = None
+        try:
+            if claim is not None:
+                claim.release()
+        except KeepcountError as exc:  # it runs out by itself: the TTL
+            log.warning("node %s: releasing the claim failed: %s", self.config.node, exc)
+        finally:
+            if coordinator is not None:
+                coordinator.close()
 
     def _reset(self) -> None:
         self.registry = None
+        self.claim = None
         self.fatal = self.close_error = self.waiting = None
+        self.exit_code = 1
         self._stopping = False
 
     async def _open(self) -> None:
         cfg = self.config
         deadline = time.monotonic() + cfg.claim_timeout
         delay = _CLAIM_BACKOFF[0]
+        epoch: int | None = None
         while True:
             try:
+                if cfg.coordinator is not None and (self.claim is None or self.claim.lost):
+                    epoch = await asyncio.to_thread(self._claim_id)
                 registry = await asyncio.to_thread(
                     keepcount.open,
                     cfg.store,
@@ -260,8 +330,9 @@ class Node:
                     flush_interval=cfg.flush_interval,
                     max_children=cfg.max_children,
                     idempotency_ttl=cfg.idempotency_ttl,
+                    epoch=epoch,
                 )
-            except (ClaimConflict, StoreUnavailable) as exc:
+            except (ClaimConflict, StoreUnavailable, CoordinatorUnavailable) as exc:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._fail(f"gave up after {cfg.claim_timeout:g} s: {exc}")
@@ -285,8 +356,42 @@ class Node:
                 return
             self.registry = registry
             self.waiting = None
-            if not self._stopping and self.on_ready is not None:
+            if self._stopping:
+                return
+            if self.on_ready is not None:
                 self.on_ready(self)
+            await self._watch()
+            return
+
+    def _claim_id(self) -> int:
+        """Claim the id in the coordinator (in a thread: it blocks); the epoch."""
+        from keepcount.coordination import open_coordinator
+
+        cfg = self.config
+        if self._coordinator is None:
+            self._coordinator = open_coordinator(cfg.coordinator or "")
+        info = {"pid": str(os.getpid()), "host": socket.gethostname()}
+        if cfg.advertise is not None:
+            info["url"] = cfg.advertise
+        self.claim = self._coordinator.claim(cfg.node, info, ttl=cfg.claim_ttl)
+        return self.claim.epoch
+
+    async def _watch(self) -> None:
+        """While serving: stop for good once the claim is lost or the store
+        fenced this incarnation (a new one holds the id, or soon will)."""
+        assert self._stop is not None and self.registry is not None
+        while not self._stopping:
+            reg, claim = self.registry, self.claim
+            if reg.fenced:
+                why = "the store holds a newer incarnation of this node id (fenced)"
+            elif claim is not None and claim.lost:
+                why = "the coordinator no longer holds its claim (lease or session expired)"
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), _WATCH_INTERVAL)
+                continue
+            self.exit_code = EXIT_CLAIM_LOST
+            self._fail(why)
             return
 
     def _fail(self, message: str) -> None:
@@ -296,9 +401,12 @@ class Node:
             self.on_fatal(message)
 
     def ready(self) -> Registry | None:
-        """The registry if the node may serve now: restored, claim held, not closing."""
+        """The registry if the node may serve now: restored, claim held and
+        trusted, not closing."""
         reg = self.registry
-        if reg is None or self._stopping or reg.fenced or reg.closed:
+        if reg is None or self._stopping or reg.fenced or reg.closed or self.fatal is not None:
+            return None
+        if self.claim is not None and not self.claim.trusted():
             return None
         return reg
 
@@ -312,8 +420,13 @@ class Node:
             why = f"node {node} is claiming its id and restoring its counters"
             if self.waiting is not None:
                 why += f" (waiting: {self.waiting})"
-        else:
+        elif reg.fenced:
             why = f"node {node} lost its claim: a newer incarnation holds it"
+        else:
+            why = (
+                f"node {node} cannot vouch for its claim: the coordinator has not "
+                "confirmed it in time (unreachable, or this process was paused)"
+            )
         return HTTPError(503, "not_ready", why)
 
     def _registry(self) -> Registry:
@@ -336,6 +449,11 @@ class Node:
                 "epoch": reg.epoch,
                 "restored_series": reg.restored_series,
                 "restore_seconds": round(reg.restore_seconds, 6),
+                "claim_expires_in": (
+                    None
+                    if self.claim is None
+                    else round(max(self.claim.deadline() - time.monotonic(), 0.0), 3)
+                ),
             }
         )
 
@@ -447,6 +565,15 @@ class Node:
             fingerprint = hashlib.sha256(request.encode()).hexdigest()
             receipt = await reg.increment(
                 child, by, key=key.decode("ascii"), fingerprint=fingerprint
+            )
+        if self.claim is not None and not self.claim.trusted():
+            # Durable, but this node can no longer vouch that it alone holds
+            # the id: not acknowledged (a keyed retry is counted once).
+            raise HTTPError(
+                503,
+                "claim_lost",
+                f"node {self.config.node} lost the certainty of its claim before answering; "
+                "not acknowledged (retry with the same Idempotency-Key)",
             )
         payload = _encode(
             {

@@ -85,7 +85,9 @@ _ERROR_RESPONSES: dict[str, dict[str, Any]] = {
     "E503": {
         "description": "Nothing acknowledged: the node is not ready (`not_ready`: "
         "claiming or restoring, shutting down, or its claim was lost), or the store "
-        "failed (`store_unavailable`, `outcome_unknown`, `fenced`, ...). Retry later "
+        "failed (`store_unavailable`, `outcome_unknown`, `fenced`, ...), or the node could "
+        "no longer vouch for its claim when the increment became durable (`claim_lost`: "
+        "maybe counted, not acknowledged). Retry later "
         "(with the same Idempotency-Key), on this node or another.",
         "headers": {"Retry-After": {"schema": {"type": "string", "pattern": "^[0-9]+$"}}},
         **_json_body(_ref("schemas", "Error")),
@@ -231,6 +233,12 @@ _SCHEMAS: dict[str, Any] = {
             "epoch": {"type": "integer", "minimum": 1},
             "restored_series": {"type": "integer", "minimum": 0},
             "restore_seconds": {"type": "number", "minimum": 0},
+            "claim_expires_in": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "description": "Seconds the coordinator claim is surely still held "
+                "(null: no coordinator).",
+            },
         },
     },
 }

@@ -75,6 +75,21 @@ def test_a_stale_epoch_cannot_overwrite_a_newer_one(store: Store, other: Store) 
     assert other.load("node-1").values["c_total"] == {'["a"]': 11}
 
 
+def test_a_newer_coordinator_epoch_takes_over_from_a_holder_that_never_released(
+    store: Store, other: Store
+) -> None:
+    """A zombie: the old incarnation is paused, the coordinator gave its id to
+    a new one; the store lets the new one in and fences the old one's writes."""
+    old = store.claim("node-1", epoch=5)
+    store.write("node-1", old, [C], [("c_total", '["a"]', 10, 1.0)])
+    new = other.claim("node-1", epoch=9)
+    assert other.load("node-1").values["c_total"] == {'["a"]': 10}
+    other.write("node-1", new, [], [("c_total", '["a"]', 12, 1.0)])
+    with pytest.raises(Fenced):
+        store.write("node-1", old, [], [("c_total", '["a"]', 11, 1.0)])
+    assert other.load("node-1").values["c_total"] == {'["a"]': 12}
+
+
 def test_write_without_a_claim_is_refused(store: Store) -> None:
     with pytest.raises(Fenced):
         store.write("ghost", 1, [C], [("c_total", '["a"]', 1, 1.0)])

@@ -15,10 +15,12 @@ def main() -> None:
 
 def _register() -> None:
     from keepcount.cli.bench import bench
+    from keepcount.cli.cluster import cluster
     from keepcount.cli.demo import demo
     from keepcount.cli.node import node
 
     main.add_command(demo)
+    main.add_command(cluster)
     main.add_command(bench)
     main.add_command(node)
 

@@ -12,6 +12,7 @@ with the message.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import socket
@@ -26,7 +27,15 @@ from starlette.routing import BaseRoute
 from keepcount.commit import DEFAULT_FLUSH_INTERVAL, DEFAULT_IDEMPOTENCY_TTL
 from keepcount.errors import InvalidInput
 from keepcount.metrics import DEFAULT_MAX_CHILDREN
-from keepcount.node import DEFAULT_CLAIM_TIMEOUT, DEFAULT_MAX_BODY, Node, NodeConfig, create_app
+from keepcount.node import (
+    DEFAULT_CLAIM_TIMEOUT,
+    DEFAULT_CLAIM_TTL,
+    DEFAULT_MAX_BODY,
+    EXIT_CLAIM_LOST,
+    Node,
+    NodeConfig,
+    create_app,
+)
 from keepcount.stores import sqlite_path
 
 __all__ = ["node", "parse_listen", "serve"]
@@ -94,6 +103,14 @@ def _bind(host: str, port: int) -> socket.socket:
 @click.option("--claim-timeout", type=click.FloatRange(0), default=DEFAULT_CLAIM_TIMEOUT,
               show_default=True,
               help="Seconds to keep retrying a node id another live process holds.")  # fmt: skip
+@click.option("--coordinator", default=None, metavar="URL",
+              help="Claim the id through etcd://host:port,.../ns or zookeeper://host:port,.../ns "
+                   "(lease with a fencing epoch) instead of the store's own lock.")  # fmt: skip
+@click.option("--claim-ttl", type=click.FloatRange(0, min_open=True), default=DEFAULT_CLAIM_TTL,
+              show_default=True,
+              help="With --coordinator: seconds the claim outlives its last renewal.")  # fmt: skip
+@click.option("--advertise", default=None, metavar="URL",
+              help="URL published with the claim (default: http://HOST:PORT of --listen).")  # fmt: skip
 def node(
     node_id: str,
     store: str,
@@ -104,8 +121,17 @@ def node(
     flush_interval: float,
     max_children: int,
     claim_timeout: float,
+    coordinator: str | None,
+    claim_ttl: float,
+    advertise: str | None,
 ) -> None:
-    """Serve one node: claim --id in --store, restore its counters, then serve HTTP."""
+    """Serve one node: claim --id (in --coordinator, or in --store), restore its
+    counters from --store, then serve HTTP.
+
+    Exit status: 0 after SIGTERM/SIGINT (flushed, claim released); 1 if it
+    could not start (or its final flush failed); 3 if it lost its claim
+    while serving (a supervisor should start a new incarnation).
+    """
     host, port = parse_listen(listen)
     try:
         if store.startswith("sqlite:"):
@@ -119,6 +145,9 @@ def node(
             flush_interval=flush_interval,
             max_children=max_children or None,
             claim_timeout=claim_timeout,
+            coordinator=coordinator,
+            claim_ttl=claim_ttl,
+            advertise=advertise,
         )
     except InvalidInput as exc:
         raise click.UsageError(str(exc)) from None
@@ -135,6 +164,8 @@ def serve(config: NodeConfig, host: str, port: int, *, routes: Sequence[BaseRout
     port = sock.getsockname()[1]
     where = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     name = f"keepcount node {config.node}"
+    if config.coordinator is not None and config.advertise is None:
+        config = dataclasses.replace(config, advertise=where)
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
@@ -184,8 +215,11 @@ def serve(config: NodeConfig, host: str, port: int, *, routes: Sequence[BaseRout
         sock.close()
     state: Node = app.state.node
     if state.fatal is not None:
-        click.echo(f"{name}: did not start (see above); exit 1", err=True)
-        return 1
+        if state.exit_code == EXIT_CLAIM_LOST:
+            click.echo(f"{name}: stopped: {state.fatal}; exit {EXIT_CLAIM_LOST}", err=True)
+        else:
+            click.echo(f"{name}: did not start (see above); exit 1", err=True)
+        return state.exit_code
     if state.close_error is not None:
         click.echo(f"{name}: stopped, but the final flush failed (see above); exit 1", err=True)
         return 1

@@ -37,7 +37,9 @@ Durability and safety
   the claim's lifetime (the kernel drops it when the process dies, even on
   SIGKILL), plus an epoch in ``nodes`` that only grows.  Each write checks the
   epoch inside its transaction, so a stale handle can never overwrite a newer
-  incarnation's values.
+  incarnation's values.  A claim with an epoch from a coordinator takes no
+  lock: the coordinator keeps one holder per id, and the epoch fences a
+  paused old incarnation that still runs.
 
 Example::
 
@@ -246,7 +248,8 @@ class SQLiteStore:
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
         self._lock = threading.Lock()
-        self._claims: dict[str, int] = {}  # node -> descriptor holding its flock
+        # node -> descriptor holding its flock (None: claimed with a coordinator's epoch)
+        self._claims: dict[str, int | None] = {}
         self._readers: set[sqlite3.Connection] = set()  # load_created's, interrupted by close()
         self._closed = False
         if not self.path.parent.is_dir():
@@ -391,7 +394,11 @@ class SQLiteStore:
             self._check_open()
             if node in self._claims:
                 raise ClaimConflict(f"node {node!r} is already claimed through this handle")
-            fd = self._lock_node(node)
+            # With an epoch from a coordinator, the coordinator keeps one
+            # holder per id and the epoch fences the rest; a lock would only
+            # stop a new incarnation while a paused old one (a zombie the
+            # coordinator already gave up on) still holds it.
+            fd = self._lock_node(node) if epoch is None else None
             try:
                 with self._txn(f"claim node {node!r}") as c:
                     damage = c.execute(_FIND_DAMAGE, (node,)).fetchone()
@@ -419,7 +426,8 @@ class SQLiteStore:
                         (node, epoch, time.time(), os.getpid(), socket.gethostname()),
                     )
             except BaseException:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
                 raise
             self._claims[node] = fd
             return epoch
@@ -631,7 +639,8 @@ class SQLiteStore:
                 return
             self._closed = True
             for fd in self._claims.values():
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
             self._claims.clear()
             for reader in self._readers:
                 reader.interrupt()  # its thread closes it

@@ -1,0 +1,366 @@
+"""A local etcd cluster as child processes: start, kill, pause, resume, restart.
+
+Each member owns a data dir and a log file under the given directory and two
+loopback ports (client, peer).  Every verb returns only after its effect is
+observed: ``start``/``restart`` once the member(s) answer ``/health`` with
+``{"health":"true"}`` (which needs a leader), ``kill``/``stop`` once the
+process is reaped, ``pause``/``resume`` once ``/proc`` shows it stopped /
+running again.
+
+Teardown is SIGKILL: a graceful SIGTERM of a 3-member cluster takes 6-7 s
+(INFRA.md), and nothing here needs etcd's data after the test.
+
+Example::
+
+    cluster = EtcdCluster(tmp_path / "etcd", members=3)
+    cluster.start()
+    coordinator = open_coordinator(cluster.url_for("my-namespace"))
+    cluster.kill(1)       # SIGKILL member 1 and reap it
+    cluster.restart(1)    # same data dir, rejoins, healthy
+    cluster.stop()
+
+Not thread-safe: one owner (a test fixture, the cluster CLI) drives it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from keepcount.nodeproc import free_port
+
+__all__ = ["INSTALL_HINT", "EtcdCluster", "EtcdMember", "etcd_binary"]
+
+INSTALL_HINT = "apt-get install -y etcd-server etcd-client"
+
+# Raft timing for a loopback cluster (INFRA.md): a lost leader is replaced in
+# about one second instead of the defaults' several, and etcd's minimum lease
+# TTL (1.5 election timeouts, rounded up to whole seconds) becomes 1 s, so
+# 1-2 s TTLs are granted as asked.
+HEARTBEAT_MS = 50
+ELECTION_MS = 500
+
+_POLL = 0.02  # poll interval inside deadline loops, not a synchronisation sleep
+
+
+def etcd_binary() -> str:
+    """Path of the ``etcd`` server binary; ``FileNotFoundError`` naming the
+    install command if it is missing."""
+    path = shutil.which("etcd")
+    if path is None:
+        raise FileNotFoundError(f"etcd is not installed; install it with: {INSTALL_HINT}")
+    return path
+
+
+def _proc_state(pid: int) -> str | None:
+    """The one-letter state of ``/proc/<pid>/stat`` ('T' = stopped), None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may contain spaces.
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+class EtcdMember:
+    """One etcd member process; its ports and data dir outlive the process."""
+
+    def __init__(
+        self, name: str, directory: Path, host: str, client_port: int, peer_port: int
+    ) -> None:
+        self.name = name
+        self.host = host
+        self.client_port = client_port
+        self.peer_port = peer_port
+        self.data_dir = directory / name
+        self.log = directory / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.host}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.client_port}"
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError(f"etcd member {self.name} was never started")
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, initial_cluster: str, token: str, state: str) -> None:
+        if self.running():
+            raise RuntimeError(f"etcd member {self.name} is already running (pid {self.pid})")
+        argv = [
+            etcd_binary(),
+            "--name", self.name,
+            "--data-dir", str(self.data_dir),
+            "--listen-client-urls", self.client_url,
+            "--advertise-client-urls", self.client_url,
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", initial_cluster,
+            "--initial-cluster-token", token,
+            "--initial-cluster-state", state,
+            "--heartbeat-interval", str(HEARTBEAT_MS),
+            "--election-timeout", str(ELECTION_MS),
+            "--logger", "zap",
+            "--log-level", "warn",
+        ]  # fmt: skip
+        with open(self.log, "ab") as out:
+            out.write(f"=== {time.strftime('%H:%M:%S')} start ({state}) ===\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+
+    def health(self, timeout: float = 1.0) -> bool:
+        """True if the member answers ``/health`` with health true (it has a
+        leader and no alarm)."""
+        body = self._http("GET", "/health", None, timeout)
+        return body is not None and body.get("health") == "true"
+
+    def status(self, timeout: float = 1.0) -> dict[str, object] | None:
+        """``Maintenance.Status`` through the v3 JSON gateway, or None if it
+        does not answer."""
+        return self._http("POST", "/v3/maintenance/status", b"{}", timeout)
+
+    def _http(
+        self, method: str, path: str, body: bytes | None, timeout: float
+    ) -> dict[str, object] | None:
+        """One request to the client port; the JSON object answered, or None."""
+        conn = http.client.HTTPConnection(self.host, self.client_port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            doc = json.loads(resp.read())
+        except (OSError, ValueError, http.client.HTTPException):
+            return None
+        finally:
+            conn.close()
+        return doc if isinstance(doc, dict) else None
+
+    def is_leader(self) -> bool:
+        status = self.status()
+        if status is None:
+            return False
+        header = status.get("header")
+        if not isinstance(header, dict):
+            return False
+        return str(header.get("member_id")) == str(status.get("leader"))
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL and reap (its ports are then free to reuse)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a stopped process dies on SIGKILL anyway
+            self.proc.kill()
+        self.proc.wait(timeout)
+
+    def pause(self, timeout: float = 5.0) -> None:
+        self._signal_until(signal.SIGSTOP, lambda s: s == "T", "stopped", timeout)
+
+    def resume(self, timeout: float = 5.0) -> None:
+        self._signal_until(signal.SIGCONT, lambda s: s not in ("T", None), "running", timeout)
+
+    def _signal_until(
+        self, sig: int, done: Callable[[str | None], bool], what: str, timeout: float
+    ) -> None:
+        if not self.running():
+            raise RuntimeError(f"etcd member {self.name} is not running")
+        os.kill(self.pid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if done(_proc_state(self.pid)):
+                return
+            time.sleep(0.002)
+        raise TimeoutError(f"etcd member {self.name} not {what} within {timeout} s")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        if not self.log.exists():
+            return ""
+        return self.log.read_text(errors="replace")[-chars:]
+
+
+class EtcdCluster:
+    """An etcd cluster of ``members`` processes on ``host``; see the module docstring.
+
+    ``ports`` gives (client, peer) per member; by default the kernel picks
+    free ones.  The URL lists every client endpoint so coordinators fail over
+    between members.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        members: int = 3,
+        *,
+        host: str = "127.0.0.1",
+        ports: list[tuple[int, int]] | None = None,
+        token: str | None = None,
+    ) -> None:
+        if members < 1:
+            raise ValueError("an etcd cluster needs at least one member")
+        if ports is None:
+            ports = [(free_port(host), free_port(host)) for _ in range(members)]
+        if len(ports) != members:
+            raise ValueError(f"{members} members need {members} (client, peer) port pairs")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.token = token or f"keepcount-{os.getpid()}-{ports[0][0]}"
+        self.members = [
+            EtcdMember(f"n{i}", self.directory, host, client, peer)
+            for i, (client, peer) in enumerate(ports)
+        ]
+        self.initial_cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        self.started = False
+
+    # -- addresses ---------------------------------------------------------
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    @property
+    def url(self) -> str:
+        """``etcd://h:p,h:p,...`` (default namespace)."""
+        return "etcd://" + ",".join(self.endpoints)
+
+    def url_for(self, namespace: str, *, first: int | None = None) -> str:
+        """The coordinator URL with ``namespace``; ``first`` lists that
+        member's endpoint first (a client connects to it first)."""
+        endpoints = self.endpoints
+        if first is not None:
+            endpoints = endpoints[first:] + endpoints[:first]
+        return f"etcd://{','.join(endpoints)}/{namespace}"
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> EtcdCluster:
+        """Start every member and return once all are healthy."""
+        etcd_binary()
+        state = "existing" if self.started else "new"
+        for m in self.members:
+            if not m.running():
+                m.start(self.initial_cluster, self.token, state)
+        self.started = True
+        self.wait_healthy(range(len(self.members)), timeout)
+        return self
+
+    def wait_healthy(self, which: range | list[int] | None = None, timeout: float = 30.0) -> None:
+        """Return once the given members (default: all running ones) answer
+        ``/health`` true; raise ``TimeoutError`` with their logs otherwise."""
+        indices = list(which) if which is not None else self.running()
+        deadline = time.monotonic() + timeout
+        pending = set(indices)
+        while pending and time.monotonic() < deadline:
+            for i in sorted(pending):
+                m = self.members[i]
+                if m.proc is not None and m.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"etcd member {m.name} exited with {m.proc.returncode}\n{self.logs()}"
+                    )
+                if m.health(timeout=max(0.05, min(0.5, deadline - time.monotonic()))):
+                    pending.discard(i)
+            if pending:
+                time.sleep(_POLL)
+        if pending:
+            names = [self.members[i].name for i in sorted(pending)]
+            raise TimeoutError(
+                f"etcd members {names} not healthy within {timeout} s\n{self.logs()}"
+            )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Every running member healthy (the name the cluster tooling uses for
+        all servers)."""
+        self.wait_healthy(None, timeout)
+
+    def running(self) -> list[int]:
+        return [i for i, m in enumerate(self.members) if m.running()]
+
+    def leader(self, timeout: float = 10.0) -> int:
+        """Index of the current leader (waits for one to be elected)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for i in self.running():
+                if self.members[i].is_leader():
+                    return i
+            time.sleep(_POLL)
+        raise TimeoutError(f"no etcd leader within {timeout} s\n{self.logs()}")
+
+    def kill(self, i: int) -> None:
+        """SIGKILL member ``i`` and reap it."""
+        self.members[i].kill()
+
+    def pause(self, i: int) -> None:
+        """SIGSTOP member ``i``; returns once it is stopped."""
+        self.members[i].pause()
+
+    def resume(self, i: int) -> None:
+        """SIGCONT member ``i``; returns once it runs again (not once healthy:
+        with others paused it may have no quorum; see ``wait_healthy``)."""
+        self.members[i].resume()
+
+    def pause_all(self) -> None:
+        for i in self.running():
+            self.pause(i)
+
+    def resume_all(self) -> None:
+        for i in self.running():
+            self.resume(i)
+
+    def restart(self, i: int, timeout: float = 30.0) -> None:
+        """Kill member ``i`` if it runs, start it again on the same data dir
+        (``--initial-cluster-state existing``) and wait until it is healthy."""
+        m = self.members[i]
+        m.kill()
+        m.start(self.initial_cluster, self.token, "existing")
+        self.wait_healthy([i], timeout)
+
+    def stop(self) -> None:
+        """SIGKILL every member and reap them all; idempotent."""
+        for m in self.members:
+            if m.proc is not None and m.proc.poll() is None:
+                m.proc.send_signal(signal.SIGCONT)
+                m.proc.kill()
+        for m in self.members:
+            if m.proc is not None:
+                m.proc.wait(10)
+
+    def logs(self, chars: int = 3000) -> str:
+        """The tail of every member's log, labelled (for assertion messages)."""
+        parts = []
+        for m in self.members:
+            state = "running" if m.running() else "down"
+            parts.append(f"--- etcd {m.name} ({m.endpoint}, {state}) ---\n{m.log_tail(chars)}")
+        return "\n".join(parts)
+
+    def __enter__(self) -> EtcdCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,166 @@
+"""What a local cluster is made of, saved as ``<dir>/cluster.json``.
+
+``keepcount cluster up`` allocates the spec once (ports, node ids, which
+load balancer and coordinator, the store) and writes it before anything
+starts; every later command (``status``, ``kill``, ``restart``, ``down``) and
+the supervisor read it from the directory.
+
+Each node id has **two slots** (two ports): a new incarnation starts on a
+slot no live process holds.  A node paused past its claim TTL (SIGSTOP) still
+holds its port; its replacement cannot wait for it, so it takes the other
+slot, and the load balancer, which lists both, routes to whichever answers
+``/readyz``.
+
+Example::
+
+    spec = ClusterSpec.allocate(Path("/tmp/c"), nodes=3)
+    spec.save()
+    assert ClusterSpec.load(Path("/tmp/c")) == spec
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from keepcount.errors import InvalidInput
+from keepcount.nodeproc import free_port
+
+__all__ = ["BALANCERS", "COORDINATORS", "ClusterSpec", "NodeSpec", "SPEC_FILE", "slot_name"]
+
+SPEC_FILE = "cluster.json"
+BALANCERS = ("haproxy", "nginx")
+COORDINATORS = ("etcd", "zookeeper")
+SLOTS = ("a", "b")
+
+Balancer = Literal["haproxy", "nginx"]
+CoordinatorKind = Literal["etcd", "zookeeper"]
+
+
+def slot_name(node: str, slot: int) -> str:
+    """The load balancer's name for one slot of a node: ``node-1.a``."""
+    return f"{node}.{SLOTS[slot]}"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    id: str
+    ports: tuple[int, int]
+    """The two slots' ports (see the module docstring)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    directory: Path
+    nodes: tuple[NodeSpec, ...]
+    lb: Balancer
+    lb_port: int
+    coordinator: CoordinatorKind
+    store: str
+    api_port: int
+    """The supervisor's control API (and, later, its /ui page)."""
+    host: str = "127.0.0.1"
+    claim_ttl: float = 2.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lb_url(self) -> str:
+        return f"http://{self.host}:{self.lb_port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.api_port}"
+
+    def node(self, node_id: str) -> NodeSpec:
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        known = ", ".join(n.id for n in self.nodes)
+        raise InvalidInput(f"no node {node_id!r} in this cluster (nodes: {known})")
+
+    @classmethod
+    def allocate(
+        cls,
+        directory: Path,
+        *,
+        nodes: int = 3,
+        lb: str = "haproxy",
+        coordinator: str = "etcd",
+        store: str | None = None,
+        port: int | None = None,
+        claim_ttl: float = 2.0,
+    ) -> ClusterSpec:
+        """Node ids ``node-1..node-N``; with ``port`` the LB listens on it and
+        the nodes' slots take the ports after it (``port+1``, ...), the API
+        the next one; without, every port is a free one the kernel picks."""
+        if not 1 <= nodes <= 32:
+            raise InvalidInput(f"--nodes must be 1 to 32, not {nodes}")
+        if lb not in BALANCERS:
+            raise InvalidInput(f"unknown load balancer {lb!r}: choose one of {BALANCERS}")
+        if coordinator not in COORDINATORS:
+            raise InvalidInput(f"unknown coordinator {coordinator!r}: choose one of {COORDINATORS}")
+        directory = directory.resolve()
+        ports: Iterator[int]
+        if port is None:
+            picked: list[int] = []
+            while len(picked) < 2 * nodes + 2:
+                p = free_port()
+                if p not in picked:  # the kernel may hand the same port out twice
+                    picked.append(p)
+            ports = iter(picked)
+        else:
+            if not 1024 <= port <= 65535 - 2 * nodes - 1:
+                raise InvalidInput(f"--port {port} leaves no room for {nodes} nodes' ports")
+            ports = iter(range(port, port + 2 * nodes + 2))
+        lb_port = next(ports)
+        specs = tuple(
+            NodeSpec(f"node-{i}", (next(ports), next(ports))) for i in range(1, nodes + 1)
+        )
+        api_port = next(ports)
+        return cls(
+            directory=directory,
+            nodes=specs,
+            lb=lb,  # type: ignore[arg-type]
+            lb_port=lb_port,
+            coordinator=coordinator,  # type: ignore[arg-type]
+            store=store or f"sqlite:///{directory}/counters.db",
+            api_port=api_port,
+            claim_ttl=claim_ttl,
+        )
+
+    def save(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        doc = asdict(self)
+        doc["directory"] = str(self.directory)
+        tmp = self.directory / f".{SPEC_FILE}.tmp"
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, self.directory / SPEC_FILE)
+
+    @classmethod
+    def load(cls, directory: Path) -> ClusterSpec:
+        path = directory / SPEC_FILE
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise InvalidInput(
+                f"no cluster in {directory} ({SPEC_FILE} is missing): start one with "
+                f"`keepcount cluster up --dir {directory}`"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"cannot read {path}: {exc}") from None
+        return cls(
+            directory=Path(doc["directory"]),
+            nodes=tuple(NodeSpec(n["id"], (n["ports"][0], n["ports"][1])) for n in doc["nodes"]),
+            lb=doc["lb"],
+            lb_port=doc["lb_port"],
+            coordinator=doc["coordinator"],
+            store=doc["store"],
+            api_port=doc["api_port"],
+            host=doc.get("host", "127.0.0.1"),
+            claim_ttl=doc.get("claim_ttl", 2.0),
+            extra=doc.get("extra", {}),
+        )

@@ -1,0 +1,143 @@
+"""A client workload that tallies every acknowledged increment.
+
+``KeyedLoad`` runs N asyncio clients against a URL (the load balancer):
+each sends ``POST /v1/counters/{name}/increment`` with a unique
+``Idempotency-Key`` and, until it is acknowledged (200), sends it again with
+the same key and body (a connection error, a timeout or a 5xx leaves its
+outcome unknown; the key makes the retry count once).  Every answer is
+recorded, so at the end the tally of acknowledged increments per label set
+can be held against the cluster's totals: with keys they must be *equal*.
+
+Example::
+
+    load = KeyedLoad("http://127.0.0.1:8100", "orders_total", [{"shop": "a"}], clients=8)
+    async with aiohttp.ClientSession() as session:
+        stop = asyncio.Event()
+        task = asyncio.create_task(load.run(session, stop))
+        ...; stop.set(); await task
+    load.tally()   # {'{"shop": "a"}': 1234}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+
+__all__ = ["KeyedLoad", "LoadError", "labels_key"]
+
+MAX_TRIES = 200
+"""Sends of one increment before the workload gives up (a cluster that does
+not recover in that many tries, ~10 s with the backoff, is a failure)."""
+REQUEST_TIMEOUT = 5.0
+RETRY_BACKOFF = (0.01, 0.2)
+
+
+def labels_key(labels: dict[str, str]) -> str:
+    """One label set as a string: JSON with sorted keys."""
+    return json.dumps(labels, sort_keys=True)
+
+
+class LoadError(Exception):
+    """An increment was never acknowledged (the cluster did not recover)."""
+
+
+@dataclass(slots=True)
+class Answer:
+    t: float
+    """time.time() of the answer."""
+    status: int
+    """HTTP status, or 0 for a connection error / timeout."""
+    node: str | None
+    latency: float
+
+
+@dataclass
+class KeyedLoad:
+    url: str
+    name: str
+    label_sets: Sequence[dict[str, str]]
+    clients: int = 16
+    seed: int = 0
+    max_by: int = 3
+    acked: Counter[str] = field(default_factory=Counter)
+    """``labels_key(labels)`` -> sum of acknowledged ``by``."""
+    answers: list[Answer] = field(default_factory=list)
+    ops: int = 0
+    retries: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    """Client-visible failures by kind ("503", "connection", "timeout", ...):
+    each was retried with its key."""
+    replayed: int = 0
+
+    def tally(self) -> dict[str, int]:
+        return dict(self.acked)
+
+    async def run(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+        """Until ``stop`` is set; then each client settles its increment in flight."""
+        rnd = random.Random(self.seed)
+        seeds = [rnd.randrange(2**32) for _ in range(self.clients)]
+        await asyncio.gather(*(self._client(session, stop, random.Random(s)) for s in seeds))
+
+    async def _client(
+        self, session: aiohttp.ClientSession, stop: asyncio.Event, rnd: random.Random
+    ) -> None:
+        path = f"{self.url}/v1/counters/{self.name}/increment"
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+        while not stop.is_set():
+            labels = rnd.choice(self.label_sets)
+            by = rnd.randint(1, self.max_by)
+            key = uuid.UUID(int=rnd.getrandbits(128)).hex
+            body = json.dumps({"labels": labels, "by": by})
+            headers = {"Content-Type": "application/json", "Idempotency-Key": key}
+            self.ops += 1
+            delay = RETRY_BACKOFF[0]
+            for _ in range(MAX_TRIES):
+                started = time.monotonic()
+                status, node, replayed = 0, None, False
+                try:
+                    async with session.post(path, data=body, headers=headers, timeout=timeout) as r:
+                        status = r.status
+                        try:
+                            answer = await r.json(content_type=None)
+                        except (aiohttp.ClientError, ValueError):
+                            # Headers came, the body did not: the node died
+                            # between its two writes (uvicorn sends them apart).
+                            self.errors[f"truncated_{status}"] += 1
+                            status = 0
+                        else:
+                            if status == 200:
+                                node = answer.get("node")
+                                replayed = r.headers.get("Idempotency-Replayed") == "true"
+                except TimeoutError:
+                    self.errors["timeout"] += 1
+                except (aiohttp.ClientError, ValueError):
+                    self.errors["connection"] += 1
+                self.answers.append(Answer(time.time(), status, node, time.monotonic() - started))
+                if status == 200:
+                    self.acked[labels_key(labels)] += by
+                    self.replayed += replayed
+                    break
+                if status:
+                    self.errors[str(status)] += 1
+                self.retries += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_BACKOFF[1])
+            else:
+                raise LoadError(f"increment {key} was not acknowledged after {MAX_TRIES} tries")
+
+    def throughput(self, start: float, end: float, step: float = 1.0) -> list[tuple[float, int]]:
+        """(bucket start, acknowledged answers in it) over [start, end)."""
+        buckets: Counter[int] = Counter()
+        for a in self.answers:
+            if a.status == 200 and start <= a.t < end:
+                buckets[int((a.t - start) // step)] += 1
+        n = int((end - start) // step) + 1
+        return [(start + i * step, buckets.get(i, 0)) for i in range(n)]
