@@ -85,6 +85,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import keepcount
 from keepcount.commit import DEFAULT_FLUSH_INTERVAL, DEFAULT_IDEMPOTENCY_TTL
+from keepcount.coordination.base import DEFAULT_TTL
 from keepcount.errors import (
     ClaimConflict,
     ClaimError,
@@ -134,11 +135,12 @@ before it gives up and exits.  Long enough for an overlapping predecessor's
 graceful shutdown (uvicorn's drain, then a final flush); a *killed*
 predecessor's lock is already gone."""
 
-DEFAULT_CLAIM_TTL = 2.0
+DEFAULT_CLAIM_TTL = DEFAULT_TTL
 """Seconds a coordinator keeps the claim of a node that stopped renewing it
-(killed, paused, cut off).  It bounds how long a node id is unavailable after
-its host is lost; a *killed* node's claim is evicted at once by the failure
-detector, which saw the process exit."""
+(killed, paused, cut off): see ``keepcount.coordination.DEFAULT_TTL``.  It
+bounds how long a node id is unavailable after its host is lost; a *killed*
+node's claim is evicted at once by the failure detector, which saw the
+process exit."""
 
 EXIT_CLAIM_LOST = 3
 """Exit status of a node that lost its claim (or was fenced) while serving: a

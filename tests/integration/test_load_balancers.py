@@ -314,9 +314,8 @@ def test_a_burst_gets_no_error_although_half_the_backends_refuse(cluster: Cluste
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("cluster", ["haproxy"], indirect=True)  # NGINX OSS: no runtime API
 def test_haproxy_runtime_api_takes_a_server_out_and_back(cluster: Cluster) -> None:
-    if cluster.kind != "haproxy":
-        pytest.skip("open-source NGINX has no runtime API")
     lb = cluster.balancer
     assert isinstance(lb, HAProxy)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = ("inc", "durable", "restore", "flush", "http")
+BENCHMARKS = ("inc", "durable", "restore", "flush", "http", "failover")
 INSTALL = "run scripts/setup.sh (apt-get install redis-server redis-tools wrk)"
 
 
@@ -35,7 +35,7 @@ def test_bench_all_quick_reports_every_benchmark(tmp_path: Path) -> None:
         [*_keepcount(), "bench", "all", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         check=False,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
@@ -49,7 +49,7 @@ def test_bench_all_quick_reports_every_benchmark(tmp_path: Path) -> None:
         assert result["comparisons"], name
         for c in result["comparisons"]:
             where = f"{name}: {c['measure']}"
-            assert c["keepcount"] > 0, where
+            assert c["keepcount"] > 0 or c["unit"] == "errors", where
             assert c["peer"] > 0, where
             assert c["ratio"] > 0, where
             assert c["peer_name"], where

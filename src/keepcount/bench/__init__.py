@@ -6,7 +6,8 @@ One module per benchmark, each with ``run(settings, report) -> BenchResult``:
 - ``durable``: acknowledged increments/s vs Redis ``INCR`` with ``appendfsync always``;
 - ``restore``: open + close with 10k..1M counters vs a bare SQLite read;
 - ``flush``: commit of 10 dirty counters among 1M vs among 10;
-- ``http``: durable HTTP increments/s vs a no-op endpoint of the same node.
+- ``http``: durable HTTP increments/s vs a no-op endpoint of the same node;
+- ``failover``: a SIGKILLed node of a live cluster: LB, restart, errors, throughput.
 
 Example::
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from keepcount.bench import durable, flush, http, inc, restore
+from keepcount.bench import durable, failover, flush, http, inc, restore
 from keepcount.bench.result import (
     BenchError,
     BenchResult,
@@ -46,5 +47,6 @@ BENCHMARKS: dict[str, Callable[[Settings, Report], BenchResult]] = {
     "restore": restore.run,
     "flush": flush.run,
     "http": http.run,
+    "failover": failover.run,
 }
 """In the order ``all`` runs them: ``flush`` reuses the store ``restore`` built."""

@@ -102,7 +102,7 @@ def cluster() -> None:
 @click.option("--port", type=int, default=8100, show_default=True,
               help="Load balancer port; the nodes' slots and the API take the ones after it. "
                    "0: free ports.")  # fmt: skip
-@click.option("--claim-ttl", type=click.FloatRange(0.5, 60), default=2.0, show_default=True,
+@click.option("--claim-ttl", type=click.FloatRange(1.0, 60), default=3.0, show_default=True,
               help="Seconds a node's claim outlives its last renewal.")  # fmt: skip
 @click.option("--timeout", type=float, default=120.0, show_default=True,
               help="Seconds to wait for every node to be ready.")  # fmt: skip

@@ -30,33 +30,20 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+if TYPE_CHECKING:
+    from keepcount.cluster.faults import Fault
+
 __all__ = ["demo"]
 
 COUNTER = "demo_orders_total"
 LABEL_SETS = [{"shop": s, "channel": c} for s in ("paris", "lyon") for c in ("web", "app")]
-RECOVER_TIMEOUT = 60.0
 SAMPLE_EVERY = 0.2
-
-
-@dataclass
-class Fault:
-    kind: str  # "kill" | "pause"
-    node: str
-    t0: float = 0.0
-    """time.time() of the signal."""
-    lb_down: float | None = None
-    """Seconds until the balancer no longer routed to it (HAProxy's view)."""
-    detected: float | None = None
-    ready: float | None = None
-    """Seconds until the node's new incarnation was ready."""
-    zombie_exit: int | None = None
-    end: float = 0.0
 
 
 @dataclass
@@ -99,6 +86,7 @@ async def _demo(
 ) -> bool:  # fmt: skip
     import aiohttp
 
+    from keepcount.cluster.faults import FaultError, kill, pause, until
     from keepcount.cluster.spec import ClusterSpec
     from keepcount.cluster.supervisor import Supervisor
     from keepcount.cluster.workload import KeyedLoad
@@ -132,7 +120,10 @@ async def _demo(
     stop_load = asyncio.Event()
     stop_sampling = asyncio.Event()
     try:
-        await _until(sup.ready.is_set, sup_task, 120, "the cluster did not start")
+        try:
+            await until(sup.ready.is_set, sup_task, 120, "the cluster did not start")
+        except FaultError as exc:
+            raise click.ClickException(str(exc)) from None
         console.print(
             f"{elapsed()}  [green]cluster ready[/]: load balancer {spec.lb_url}, "
             f"control API {spec.api_url} (`keepcount cluster status --dir {cdir}`)"
@@ -145,14 +136,15 @@ async def _demo(
             victims = [spec.nodes[i % nodes].id for i in rnd.sample(range(nodes), nodes)]
             schedule = [("kill", victims[0]), ("pause", victims[1 % nodes]),
                         ("kill", victims[2 % nodes]), ("kill", victims[0])]  # fmt: skip
+
+            async def zombie(old: Any) -> None:
+                console.print(f"{elapsed()}  waking the old process (pid {old.pid}): a zombie now")
+
             for kind, node in schedule:
-                fault = Fault(kind, node)
-                faults.append(fault)
                 if kind == "kill":
-                    await _kill(sup, fault, sup_task)
+                    faults.append(await kill(sup, node, sup_task))
                 else:
-                    await _pause(sup, fault, spec.claim_ttl, sup_task, console, elapsed)
-                fault.end = time.time()
+                    faults.append(await pause(sup, node, sup_task, on_replaced=zombie))
                 await asyncio.sleep(steady)
             stop_load.set()
             await asyncio.wait_for(load_task, 120)
@@ -184,92 +176,6 @@ async def _demo(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(sup_task, 60)
         console.print(f"{elapsed()}  cluster torn down (logs in {cdir})")
-
-
-async def _until(
-    cond: Any, sup_task: asyncio.Task[None], timeout: float, what: str, step: float = 0.02
-) -> float:
-    """Await ``cond()``; the seconds it took.  Fails if the supervisor died."""
-    started = time.monotonic()
-    while not cond():
-        if sup_task.done():
-            sup_task.result()
-            raise click.ClickException(f"{what}: the supervisor stopped")
-        if time.monotonic() - started > timeout:
-            raise click.ClickException(f"{what} within {timeout:g} s")
-        await asyncio.sleep(step)
-    return time.monotonic() - started
-
-
-async def _kill(sup: Any, fault: Fault, sup_task: asyncio.Task[None]) -> None:
-    ns = sup.nodes[fault.node]
-    before = ns.incarnations
-    slot = _slot(ns)
-    fault.t0 = time.time()
-    t0 = time.monotonic()
-    await sup.signal(fault.node, "KILL")
-    fault.detected = round(time.monotonic() - t0, 3)
-    lb_wait = asyncio.create_task(_lb_down(sup, slot, t0))
-    await _until(
-        lambda: ns.incarnations > before and ns.current is not None and ns.current.ready,
-        sup_task, RECOVER_TIMEOUT, f"{fault.node} was not ready again",
-    )  # fmt: skip
-    fault.ready = round(time.monotonic() - t0, 3)
-    fault.lb_down = await lb_wait
-
-
-async def _pause(
-    sup: Any, fault: Fault, ttl: float, sup_task: asyncio.Task[None], console: Console,
-    elapsed: Any,
-) -> None:  # fmt: skip
-    ns = sup.nodes[fault.node]
-    old = ns.current
-    before = ns.incarnations
-    slot = _slot(ns)
-    fault.t0 = time.time()
-    t0 = time.monotonic()
-    await sup.signal(fault.node, "STOP")
-    lb_wait = asyncio.create_task(_lb_down(sup, slot, t0))
-    await _until(lambda: old in ns.stale, sup_task, RECOVER_TIMEOUT,
-                 f"{fault.node}'s claim did not lapse")  # fmt: skip
-    fault.detected = round(time.monotonic() - t0, 3)
-    await _until(
-        lambda: ns.incarnations > before and ns.current is not None and ns.current.ready,
-        sup_task, RECOVER_TIMEOUT, f"{fault.node} was not replaced",
-    )  # fmt: skip
-    fault.ready = round(time.monotonic() - t0, 3)
-    fault.lb_down = await lb_wait
-    console.print(f"{elapsed()}  waking the old {fault.node} (pid {old.pid}): a zombie now")
-    await sup.signal(fault.node, "CONT")
-    with contextlib.suppress(click.ClickException):
-        await _until(lambda: old.exit_code is not None, sup_task, 30,
-                     "the zombie did not stop")  # fmt: skip
-    fault.zombie_exit = old.exit_code
-
-
-def _slot(ns: Any) -> str | None:
-    from keepcount.cluster.spec import slot_name
-
-    cur = ns.current
-    return None if cur is None else slot_name(ns.spec.id, cur.slot)
-
-
-async def _lb_down(sup: Any, slot: str | None, t0: float) -> float | None:
-    """Seconds from ``t0`` until the balancer stops routing to ``slot``
-    (HAProxy: its checks or live traffic marked it DOWN; NGINX: its error log
-    says it took the server out); None if it did not say so in time."""
-    if slot is None:
-        return None
-    deadline = t0 + 15
-    while time.monotonic() < deadline:
-        try:
-            state = (await asyncio.to_thread(sup.balancer.backend_states)).get(slot, "")
-        except Exception:
-            return None
-        if not str(state).upper().startswith("UP"):
-            return round(time.monotonic() - t0, 3)
-        await asyncio.sleep(0.02)
-    return None
 
 
 async def _sample(session: Any, sup: Any, samples: Samples, stop: asyncio.Event) -> None:

@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute
 
 from keepcount.commit import DEFAULT_FLUSH_INTERVAL, DEFAULT_IDEMPOTENCY_TTL
 from keepcount.errors import InvalidInput
+from keepcount.httpserver import WholeResponseProtocol
 from keepcount.metrics import DEFAULT_MAX_CHILDREN
 from keepcount.node import (
     DEFAULT_CLAIM_TIMEOUT,
@@ -191,7 +192,7 @@ def serve(config: NodeConfig, host: str, port: int, *, routes: Sequence[BaseRout
         uvicorn.Config(
             app,
             loop="uvloop",
-            http="httptools",
+            http=WholeResponseProtocol,  # httptools, each response in one write
             lifespan="on",
             access_log=False,
             log_level="warning",

@@ -64,7 +64,7 @@ class ClusterSpec:
     api_port: int
     """The supervisor's control API (and, later, its /ui page)."""
     host: str = "127.0.0.1"
-    claim_ttl: float = 2.0
+    claim_ttl: float = 3.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -92,7 +92,7 @@ class ClusterSpec:
         coordinator: str = "etcd",
         store: str | None = None,
         port: int | None = None,
-        claim_ttl: float = 2.0,
+        claim_ttl: float = 3.0,
     ) -> ClusterSpec:
         """Node ids ``node-1..node-N``; with ``port`` the LB listens on it and
         the nodes' slots take the ports after it (``port+1``, ...), the API
@@ -161,6 +161,6 @@ class ClusterSpec:
             store=doc["store"],
             api_port=doc["api_port"],
             host=doc.get("host", "127.0.0.1"),
-            claim_ttl=doc.get("claim_ttl", 2.0),
+            claim_ttl=doc.get("claim_ttl", 3.0),
             extra=doc.get("extra", {}),
         )

@@ -84,6 +84,31 @@ SIGNALS = {"KILL": signal.SIGKILL, "STOP": signal.SIGSTOP, "CONT": signal.SIGCON
            "TERM": signal.SIGTERM}  # fmt: skip
 
 
+def holds_write_lock(pid: int, paths: list[Path]) -> bool:
+    """Whether ``pid`` holds an exclusive POSIX lock on any of ``paths``
+    (``/proc/locks``).  SQLite in WAL mode takes one on its ``-shm`` file
+    while it writes or checkpoints."""
+    inodes = set()
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        inodes.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        f = line.split()
+        if len(f) < 8 or "->" in f or f[3] != "WRITE" or f[4] != str(pid):
+            continue
+        major, minor, inode = f[5].split(":")
+        if (int(major, 16), int(minor, 16), int(inode)) in inodes:
+            return True
+    return False
+
+
 def process_state(pid: int) -> str | None:
     """The kernel's one-letter state of ``pid`` (R, S, T for stopped, Z, ...);
     None once it is gone."""
@@ -353,9 +378,13 @@ class Supervisor:
                         self.event("stale_exited", ns.spec.id, pid=old.pid, code=code)
                 if ns.current is None and ns.next_start is not None and now >= ns.next_start:
                     self._start_node(ns)  # a fork and exec: milliseconds
-            if not self.ready.is_set() and all(
-                ns.current is not None and ns.current.ready_at is not None
-                for ns in self.nodes.values()
+            if (
+                not self.ready.is_set()
+                and all(
+                    ns.current is not None and ns.current.ready_at is not None
+                    for ns in self.nodes.values()
+                )
+                and await asyncio.to_thread(self._balancer_routes_to_all)
             ):
                 self.ready.set()
                 self.event("cluster_ready", seconds=round(time.time() - self.started, 3))
@@ -382,6 +411,20 @@ class Supervisor:
         ns.next_start = time.monotonic() + delay
         if delay:
             self.event("restart_scheduled", ns.spec.id, delay=delay)
+
+    def _balancer_routes_to_all(self) -> bool:
+        """Whether the balancer routes to every node's current slot (HAProxy
+        marks a server UP only after ``rise`` good checks; NGINX has no such
+        state and routes at once)."""
+        states = self._balancer.backend_states()
+        for ns in self.nodes.values():
+            cur = ns.current
+            if cur is None:
+                return False
+            state = str(states.get(slot_name(ns.spec.id, cur.slot), "UP")).upper()
+            if not state.startswith("UP"):
+                return False
+        return True
 
     def _evict(self, node: str, inc: Incarnation) -> int | None:
         """Remove a dead incarnation's claim if the coordinator still lists it
@@ -504,13 +547,22 @@ class Supervisor:
             raise InvalidInput(f"no node {node!r} in this cluster (nodes: {', '.join(self.nodes)})")
         return ns
 
-    async def signal(self, node: str, name: str, timeout: float = 10.0) -> dict[str, Any]:
+    async def signal(
+        self, node: str, name: str, timeout: float = 10.0, *, clean: bool = False
+    ) -> dict[str, Any]:
         """Send SIGKILL / SIGSTOP / SIGCONT / SIGTERM to a node's process.
 
         CONT goes to the node's paused processes (a replaced old incarnation
         included: that is how a zombie is woken); the others go to the
         current incarnation.  Returns once the kernel shows the effect
         (killed: reaped by the detector; stopped: state T; continued: not T).
+
+        ``clean`` (STOP on an SQLite store): stop the process at a moment it
+        holds no write lock on the file.  SQLite has one writer at a time: a
+        node paused in the middle of a write holds that lock, and every node
+        sharing the file waits until it runs again or dies (a real limit of
+        the embedded store, see the README; a distributed store has none).
+        A fault meant to show fencing, not that stall, asks for ``clean``.
         """
         sig = SIGNALS.get(name.upper().removeprefix("SIG"))
         if sig is None:
@@ -523,9 +575,15 @@ class Supervisor:
         if not targets:
             raise InvalidInput(f"node {node} has no process to send SIG{name.upper()} to")
         pids = [t.pid for t in targets]
+        attempts = 1
         for t in targets:
             os.kill(t.pid, sig)
-        self.event("signal", node, signal=f"SIG{name.upper().removeprefix('SIG')}", pids=pids)
+            if sig == signal.SIGSTOP and clean:
+                attempts = await self._stop_outside_writes(t)
+        self.event(
+            "signal", node, signal=f"SIG{name.upper().removeprefix('SIG')}", pids=pids,
+            **({"attempts": attempts} if attempts > 1 else {}),
+        )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             states = [process_state(t.pid) for t in targets]
@@ -541,6 +599,24 @@ class Supervisor:
         else:
             raise TimeoutError(f"SIG{name} to {node} (pids {pids}) showed no effect in {timeout} s")
         return {"node": node, "signal": name.upper(), "pids": pids}
+
+    async def _stop_outside_writes(self, inc: Incarnation) -> int:
+        """Re-stop ``inc`` until it is stopped holding no lock on the store file."""
+        if not self.spec.store.startswith("sqlite:"):
+            return 1
+        from keepcount.stores import sqlite_path
+
+        db = Path(sqlite_path(self.spec.store))
+        paths = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
+        for attempt in range(1, 1001):
+            while process_state(inc.pid) not in ("T", None):
+                await asyncio.sleep(0.001)
+            if not holds_write_lock(inc.pid, paths):
+                return attempt
+            os.kill(inc.pid, signal.SIGCONT)
+            await asyncio.sleep(0.003)  # let it finish its write
+            os.kill(inc.pid, signal.SIGSTOP)
+        raise TimeoutError(f"{inc.node} (pid {inc.pid}) never stopped outside a write")
 
     async def restart(self, node: str) -> dict[str, Any]:
         """Stop the node gracefully (SIGTERM) and let the detector start a new

@@ -54,7 +54,7 @@ class Answer:
     t: float
     """time.time() of the answer."""
     status: int
-    """HTTP status, or 0 for a connection error / timeout."""
+    """HTTP status; 0 for a connection error / timeout, -1 for a 200 cut short."""
     node: str | None
     latency: float
 
@@ -105,17 +105,19 @@ class KeyedLoad:
                 try:
                     async with session.post(path, data=body, headers=headers, timeout=timeout) as r:
                         status = r.status
-                        try:
-                            answer = await r.json(content_type=None)
-                        except (aiohttp.ClientError, ValueError):
-                            # Headers came, the body did not: the node died
-                            # between its two writes (uvicorn sends them apart).
-                            self.errors[f"truncated_{status}"] += 1
-                            status = 0
-                        else:
-                            if status == 200:
+                        if status == 200:
+                            try:
+                                answer = await r.json(content_type=None)
+                            except (aiohttp.ClientError, ValueError):
+                                # Headers came, the body did not: the node died
+                                # between its two writes (uvicorn sends them apart).
+                                self.errors["truncated_200"] += 1
+                                status = -1
+                            else:
                                 node = answer.get("node")
                                 replayed = r.headers.get("Idempotency-Replayed") == "true"
+                        else:
+                            await r.read()
                 except TimeoutError:
                     self.errors["timeout"] += 1
                 except (aiohttp.ClientError, ValueError):
@@ -125,7 +127,7 @@ class KeyedLoad:
                     self.acked[labels_key(labels)] += by
                     self.replayed += replayed
                     break
-                if status:
+                if status > 0:
                     self.errors[str(status)] += 1
                 self.retries += 1
                 await asyncio.sleep(delay)

@@ -121,15 +121,19 @@ __all__ = [
     "renew_interval",
 ]
 
-DEFAULT_TTL = 2.0
+DEFAULT_TTL = 3.0
 """Seconds a claim outlives its holder's last renewal.
 
 Short, because it bounds how long a crashed node's id stays blocked when the
 failure detector cannot evict it, and how long a node cut off from the
 coordinator may go on acknowledging (``ttl - margin``).  Long enough that a
 loaded 2-core host and an etcd leader election (about 1 s with the loopback
-settings of ``keepcount.cluster.etcd``) do not cost a healthy node its
-trust: renewals run every ``ttl / 4`` and two in a row may fail.  etcd must
+settings of ``keepcount.cluster.etcd``, more under load) do not cost a
+healthy node its trust: renewals run every ``ttl / 4`` and trust lasts
+``0.75 * ttl`` after the last one that succeeded.  With 2 s, killing the etcd
+leader under load made every node distrust its claim for a few hundred
+milliseconds (60 client-visible 503s in one system test run); 3 s covers the
+election.  etcd must
 allow 2 s leases (its minimum is 1.5 election timeouts) and ZooKeeper 2 s
 sessions (``minSessionTimeout`` = 2 ticks: ``tickTime`` <= 1 s).
 """
