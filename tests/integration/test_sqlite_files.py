@@ -60,6 +60,52 @@ def test_a_truncated_file_is_refused(tmp_path: Path) -> None:
     refused(db, "truncated")
 
 
+def test_a_file_cut_short_by_a_crash_in_a_checkpoint_opens_whole(tmp_path: Path) -> None:
+    """A checkpoint writes page 1, with the new page count, before the pages
+    that extend the file; a kill in between leaves a file shorter than its
+    header says, beside a whole WAL.  That is not damage: SQLite replays the
+    WAL on open.  (Seen for real: a node SIGKILLed in a cluster test came back
+    refused as "truncated".)  Reproduced from a snapshot of the files taken
+    while a writer holds them open, with its WAL not checkpointed."""
+    live = tmp_path / "live" / "c.db"
+    live.parent.mkdir()
+    make_store(live, series=10)
+    conn = sqlite3.connect(live, isolation_level=None)
+    try:
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "INSERT INTO series(node, name, labels, value, created) VALUES (?, ?, ?, ?, ?)",
+            [("node-1", "c_total", f'["more-{i:06d}"]', i + 1, 1.0) for i in range(20_000)],
+        )
+        conn.execute("COMMIT")
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        crashed = tmp_path / "c.db"
+        for suffix in ("", "-wal"):  # what a SIGKILL leaves (the -shm is rebuilt)
+            crashed.with_name(crashed.name + suffix).write_bytes(
+                live.with_name(live.name + suffix).read_bytes()
+            )
+    finally:
+        conn.close()
+    assert crashed.stat().st_size < pages * 4096
+    with crashed.open("r+b") as f:  # page 1 already copied back, the rest not yet
+        f.seek(28)
+        f.write(pages.to_bytes(4, "big"))
+    with keepcount.open(f"sqlite:///{crashed}", node="node-1", max_children=None) as reg:
+        fam = reg.counter("c_total", "", ["k"])
+        assert len(fam) == 20_010
+        assert fam.labels("more-019999").value == 20_000
+        assert fam.labels("series-000009").value == 10
+    # Without the WAL the same short file has nothing to be made whole with.
+    wal = crashed.with_name(crashed.name + "-wal")
+    wal.unlink()
+    with crashed.open("r+b") as f:
+        f.truncate(crashed.stat().st_size // 2)
+        f.seek(28)
+        f.write(pages.to_bytes(4, "big"))
+    refused(crashed, "truncated")
+
+
 def test_an_empty_file_is_refused_not_initialised(tmp_path: Path) -> None:
     db = tmp_path / "c.db"
     db.touch()

@@ -325,11 +325,21 @@ class SQLiteStore:
         (user_version,) = struct.unpack(">i", head[60:64])
         (app_id,) = struct.unpack(">i", head[68:72])
         self._check_identity(app_id, user_version)
-        if change == valid_for and pages * page_size > size:
+        # A checkpoint copies the WAL's pages into this file, page 1 (with the
+        # new page count) first: a crash in the middle leaves the file shorter
+        # than its header says, and the WAL, still whole, makes it right on
+        # the next open.  Only a file with no WAL to replay is truncated.
+        if change == valid_for and pages * page_size > size and not self._has_wal():
             raise CorruptStore(
                 f"{where} is truncated: its header counts {pages} pages of {page_size} bytes "
                 f"({pages * page_size} bytes) but the file holds {size} bytes"
             )
+
+    def _has_wal(self) -> bool:
+        try:
+            return os.path.getsize(f"{self.path}-wal") > 0
+        except OSError:
+            return False
 
     def _check_identity(self, app_id: int, user_version: int) -> None:
         where = f"store {self.path}"
