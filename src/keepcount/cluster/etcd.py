@@ -29,12 +29,11 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
+from keepcount.cluster.processes import ServerProcess
 from keepcount.nodeproc import free_port
 
 __all__ = ["INSTALL_HINT", "EtcdCluster", "EtcdMember", "etcd_binary"]
@@ -60,29 +59,19 @@ def etcd_binary() -> str:
     return path
 
 
-def _proc_state(pid: int) -> str | None:
-    """The one-letter state of ``/proc/<pid>/stat`` ('T' = stopped), None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may contain spaces.
-    return stat.rsplit(")", 1)[1].split()[0]
-
-
-class EtcdMember:
+class EtcdMember(ServerProcess):
     """One etcd member process; its ports and data dir outlive the process."""
+
+    kind = "etcd member"
 
     def __init__(
         self, name: str, directory: Path, host: str, client_port: int, peer_port: int
     ) -> None:
-        self.name = name
+        super().__init__(name, directory / f"{name}.log")
         self.host = host
         self.client_port = client_port
         self.peer_port = peer_port
         self.data_dir = directory / name
-        self.log = directory / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def client_url(self) -> str:
@@ -96,18 +85,7 @@ class EtcdMember:
     def endpoint(self) -> str:
         return f"{self.host}:{self.client_port}"
 
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise RuntimeError(f"etcd member {self.name} was never started")
-        return self.proc.pid
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def start(self, initial_cluster: str, token: str, state: str) -> None:
-        if self.running():
-            raise RuntimeError(f"etcd member {self.name} is already running (pid {self.pid})")
         argv = [
             etcd_binary(),
             "--name", self.name,
@@ -124,12 +102,7 @@ class EtcdMember:
             "--logger", "zap",
             "--log-level", "warn",
         ]  # fmt: skip
-        with open(self.log, "ab") as out:
-            out.write(f"=== {time.strftime('%H:%M:%S')} start ({state}) ===\n".encode())
-            out.flush()
-            self.proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
+        self.spawn(argv, f" ({state})")
 
     def health(self, timeout: float = 1.0) -> bool:
         """True if the member answers ``/health`` with health true (it has a
@@ -165,39 +138,6 @@ class EtcdMember:
         if not isinstance(header, dict):
             return False
         return str(header.get("member_id")) == str(status.get("leader"))
-
-    def kill(self, timeout: float = 10.0) -> None:
-        """SIGKILL and reap (its ports are then free to reuse)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # a stopped process dies on SIGKILL anyway
-            self.proc.kill()
-        self.proc.wait(timeout)
-
-    def pause(self, timeout: float = 5.0) -> None:
-        self._signal_until(signal.SIGSTOP, lambda s: s == "T", "stopped", timeout)
-
-    def resume(self, timeout: float = 5.0) -> None:
-        self._signal_until(signal.SIGCONT, lambda s: s not in ("T", None), "running", timeout)
-
-    def _signal_until(
-        self, sig: int, done: Callable[[str | None], bool], what: str, timeout: float
-    ) -> None:
-        if not self.running():
-            raise RuntimeError(f"etcd member {self.name} is not running")
-        os.kill(self.pid, sig)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if done(_proc_state(self.pid)):
-                return
-            time.sleep(0.002)
-        raise TimeoutError(f"etcd member {self.name} not {what} within {timeout} s")
-
-    def log_tail(self, chars: int = 3000) -> str:
-        if not self.log.exists():
-            return ""
-        return self.log.read_text(errors="replace")[-chars:]
 
 
 class EtcdCluster:

@@ -56,6 +56,7 @@ from typing import Any
 
 import aiohttp
 
+from keepcount.cluster.processes import process_state
 from keepcount.cluster.spec import ClusterSpec, NodeSpec, slot_name
 from keepcount.errors import InvalidInput, KeepcountError
 from keepcount.nodeproc import NodeProcess
@@ -107,17 +108,6 @@ def holds_write_lock(pid: int, paths: list[Path]) -> bool:
         if (int(major, 16), int(minor, 16), int(inode)) in inodes:
             return True
     return False
-
-
-def process_state(pid: int) -> str | None:
-    """The kernel's one-letter state of ``pid`` (R, S, T for stopped, Z, ...);
-    None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rindex(b")") + 2 : data.rindex(b")") + 3].decode()
 
 
 @dataclass(eq=False)

@@ -27,17 +27,16 @@ Not thread-safe: one owner (a test fixture, the cluster CLI) drives it.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
-import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from keepcount.cluster.processes import ServerProcess
 from keepcount.nodeproc import free_port
 
 __all__ = [
@@ -104,17 +103,10 @@ def four_letter_word(host: str, port: int, word: str, timeout: float = 1.0) -> s
     return b"".join(chunks).decode(errors="replace")
 
 
-def _proc_state(pid: int) -> str | None:
-    """The one-letter state of ``/proc/<pid>/stat`` ('T' = stopped), None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
-
-
-class ZooKeeperMember:
+class ZooKeeperMember(ServerProcess):
     """One ZooKeeper server process; its ports and data dir outlive the process."""
+
+    kind = "ZooKeeper"
 
     def __init__(
         self,
@@ -126,7 +118,7 @@ class ZooKeeperMember:
         myid: int | None = None,
         servers: Sequence[str] = (),
     ) -> None:
-        self.name = name
+        super().__init__(name, directory / f"{name}.log")
         self.host = host
         self.client_port = client_port
         self.myid = myid
@@ -134,21 +126,10 @@ class ZooKeeperMember:
         self.home = directory / name
         self.data_dir = self.home / "data"
         self.conf_dir = self.home / "conf"
-        self.log = directory / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
         return f"{self.host}:{self.client_port}"
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise RuntimeError(f"ZooKeeper {self.name} was never started")
-        return self.proc.pid
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def _write_config(self) -> Path:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -176,8 +157,6 @@ class ZooKeeperMember:
         return cfg
 
     def start(self) -> None:
-        if self.running():
-            raise RuntimeError(f"ZooKeeper {self.name} is already running (pid {self.pid})")
         classpath = f"{self.conf_dir}:{zookeeper_classpath()}"
         cfg = self._write_config()
         main = (
@@ -185,13 +164,7 @@ class ZooKeeperMember:
             if self.servers
             else "org.apache.zookeeper.server.ZooKeeperServerMain"
         )
-        argv = ["java", *_JVM, "-cp", classpath, main, str(cfg)]
-        with open(self.log, "ab") as out:
-            out.write(f"=== {time.strftime('%H:%M:%S')} start ===\n".encode())
-            out.flush()
-            self.proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
+        self.spawn(["java", *_JVM, "-cp", classpath, main, str(cfg)])
 
     def mode(self, timeout: float = 1.0) -> str | None:
         """``standalone``, ``leader``, ``follower``; None while not serving."""
@@ -205,39 +178,6 @@ class ZooKeeperMember:
 
     def serving(self) -> bool:
         return self.mode() in ("standalone", "leader", "follower")
-
-    def kill(self, timeout: float = 10.0) -> None:
-        """SIGKILL and reap."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-        self.proc.wait(timeout)
-
-    def pause(self, timeout: float = 5.0) -> None:
-        self._signal_until(signal.SIGSTOP, lambda s: s == "T", "stopped", timeout)
-
-    def resume(self, timeout: float = 5.0) -> None:
-        self._signal_until(signal.SIGCONT, lambda s: s not in ("T", None), "running", timeout)
-
-    def _signal_until(
-        self, sig: int, done: Callable[[str | None], bool], what: str, timeout: float
-    ) -> None:
-        if not self.running():
-            raise RuntimeError(f"ZooKeeper {self.name} is not running")
-        os.kill(self.pid, sig)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if done(_proc_state(self.pid)):
-                return
-            time.sleep(0.002)
-        raise TimeoutError(f"ZooKeeper {self.name} not {what} within {timeout} s")
-
-    def log_tail(self, chars: int = 3000) -> str:
-        if not self.log.exists():
-            return ""
-        return self.log.read_text(errors="replace")[-chars:]
 
 
 class _Servers:
