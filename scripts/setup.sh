@@ -8,12 +8,13 @@ cd "$(dirname "$0")/.."
 
 # Debian packages keepcount uses.  redis-server/redis-tools: the peer of
 # `keepcount bench` (Redis INCR with appendfsync always).  wrk: the HTTP load
-# generator of the node benchmark.  etcd, ZooKeeper (with a JRE: the
+# generator of the node benchmark.  maven: fetches Apache Cassandra from Maven
+# Central (scripts/get-cassandra.sh).  etcd, ZooKeeper (with a JRE: the
 # machine's JDK, else default-jre-headless), HAProxy and NGINX: the local
 # cluster's coordinators and load balancers, started by keepcount itself on
 # loopback, never as system services.
 APT_PACKAGES=(python3 python3-venv python3-pip redis-server redis-tools wrk
-              etcd-server etcd-client haproxy nginx zookeeper)
+              etcd-server etcd-client haproxy nginx zookeeper maven)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"
@@ -35,6 +36,7 @@ for pkg in "${APT_PACKAGES[@]}"; do
     haproxy) command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=("$pkg") ;;
     nginx) command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=("$pkg") ;;
     zookeeper) [ -f /usr/share/java/zookeeper.jar ] || missing+=("$pkg") ;;
+    maven) command -v mvn >/dev/null 2>&1 || missing+=("$pkg") ;;
   esac
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -49,6 +51,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
     "${missing[@]}" >/dev/null
 fi
+
+# Apache Cassandra 5.0 for the Cassandra store: from Maven Central into
+# ~/.cache/keepcount (fast once there; see the script).
+scripts/get-cassandra.sh >/dev/null
 
 # The virtualenv, re-synced whenever pyproject.toml changes.
 if [ ! -x .venv/bin/python ]; then

@@ -8,6 +8,12 @@ from pathlib import Path
 import pytest
 
 import keepcount
+from cassandra_fixtures import (  # noqa: F401 - one Cassandra cluster per session, for every module
+    cassandra_cluster,
+    cassandra_keyspace,
+    cassandra_up,
+    cassandra_url,
+)
 
 
 @pytest.fixture

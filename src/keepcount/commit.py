@@ -469,7 +469,7 @@ class GroupCommit:
             try:
                 self._write([fam.definition for fam in f.families], f.rows, f.records)
             except KeyConflict as conflict:
-                error = self._resolve_conflict(f, conflict.keys)
+                error = self._resolve_conflict(f, conflict.keys, conflict.pending)
                 if error is not None:
                     return error
                 continue
@@ -482,18 +482,33 @@ class GroupCommit:
             return None
         return StoreUnavailable("idempotency keys kept changing under the flush; not written")
 
-    def _resolve_conflict(self, f: _Flush, keys: list[str]) -> KeepcountError | None:
+    def _resolve_conflict(
+        self, f: _Flush, keys: list[str], pending: Sequence[str] = ()
+    ) -> KeepcountError | None:
         if self._lookup is None:
             return StoreUnavailable("idempotency key conflict without a lookup")
         try:
             found = {key: self._lookup(key) for key in keys}
         except KeepcountError as exc:
             return exc
+        busy = set(pending)
         with self._lock:
             keep = []
             for k in f.keyed:
                 record = found.get(k.key)
-                if record is None:  # not in conflict, or expired since: write it again
+                if k.key in busy:
+                    # Another live node is recording this key (a retry reached
+                    # us while its first attempt was in flight there): only
+                    # this request fails, not the flush; its retry learns how
+                    # the first one ended.
+                    self._answer(
+                        k,
+                        OutcomeUnknown(
+                            f"idempotency key {k.key!r} is being recorded by another node; "
+                            "not acknowledged here (retry with the same key)"
+                        ),
+                    )
+                elif record is None:  # not in conflict, or expired since: write it again
                     keep.append(k)
                 elif record.token == k.token:  # an earlier write of ours did land
                     k.child._value += k.by

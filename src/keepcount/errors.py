@@ -85,17 +85,21 @@ class IdempotencyKeyReused(InvalidInput):
 
 class KeyConflict(KeepcountError):
     """A store write carried idempotency keys that are already recorded (and
-    not expired); the store wrote nothing.  Internal to the group commit,
-    which resolves it: it never reaches an application."""
+    not expired) — ``keys`` — or that another live writer is recording right
+    now — ``pending`` (a store without transactions across partitions, such
+    as Cassandra, can see a key taken before its record lands); the store
+    wrote nothing.  Internal to the group commit, which resolves it: it never
+    reaches an application."""
 
     code = "idempotency_key_conflict"
 
-    def __init__(self, message: str, keys: Sequence[str] = ()) -> None:
+    def __init__(self, message: str, keys: Sequence[str] = (), pending: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.keys = list(keys)
+        self.pending = list(pending)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.args[0], self.keys))
+        return (type(self), (self.args[0], self.keys, self.pending))
 
 
 class StoreError(KeepcountError):

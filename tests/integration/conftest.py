@@ -1,7 +1,7 @@
 """The ``store`` fixture: every backend the conformance suite holds to the Store contract.
 
-Later backends (Cassandra, Bigtable) join the parameter list with a
-session-scoped server; each test gets its own namespace (file / keyspace).
+Each backend runs on a real server started once per test session (SQLite:
+a file); each test gets its own namespace (a file / a keyspace).
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from keepcount.stores import open_store
 from keepcount.stores.base import Store
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "cassandra"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/conformance.db"
-    raise AssertionError(request.param)
+    url: str = request.getfixturevalue("cassandra_url")  # 3 nodes, a fresh keyspace
+    return url
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 
 import keepcount
 from keepcount import Fenced, IdempotencyKeyReused, OutcomeUnknown, Registry, StoreUnavailable
+from keepcount.errors import KeyConflict
 from keepcount.stores.base import FamilyDef, KeyRecord, SeriesRow
 from keepcount.stores.sqlite import SQLiteStore
 
@@ -237,3 +238,41 @@ def test_keys_of_a_fenced_incarnation_are_refused(path: Path) -> None:
             assert newer.lookup_key("k") is None
         finally:
             newer.close()
+
+
+class BusyKeyStore(SQLiteStore):
+    """A real SQLite store that reports one key as being recorded by another
+    live node (what the Cassandra store reports when a retry reaches a second
+    node while the first attempt is in flight on the first)."""
+
+    busy = ""
+
+    def write(self, node: str, epoch: int, families: Sequence[FamilyDef],
+              series: Sequence[SeriesRow], keys: Sequence[KeyRecord] = ()) -> None:  # fmt: skip
+        if any(k.key == self.busy for k in keys):
+            raise KeyConflict("injected: being recorded elsewhere", pending=[self.busy])
+        super().write(node, epoch, families, series, keys)
+
+
+def test_a_key_being_recorded_elsewhere_fails_only_its_own_request(path: Path) -> None:
+    store = BusyKeyStore(path)
+    store.busy = "k-busy"
+    reg = Registry(store, "node-1", flush_interval=None)
+    try:
+        child = reg.counter("c_total", "", ["k"]).labels("a")
+
+        async def main() -> list[object]:
+            return await asyncio.gather(
+                reg.increment(child, 1, key="k-busy", fingerprint="f"),
+                reg.increment(child, 10, key="k-other", fingerprint="g"),
+                reg.increment(child, 100),
+                return_exceptions=True,
+            )
+
+        busy, other, plain = asyncio.run(main())
+        assert isinstance(busy, OutcomeUnknown) and "another node" in str(busy)
+        assert isinstance(other, keepcount.Receipt) and isinstance(plain, keepcount.Receipt)
+        assert child.value == 110, "the flush went on without the busy key"
+    finally:
+        reg.close()
+    assert durable(path) == {'["a"]': 110}

@@ -61,6 +61,8 @@ class ClusterSpec:
     lb_port: int
     coordinator: CoordinatorKind
     store: str
+    """A store URL, or ``cassandra``: a local 3-node Apache Cassandra cluster
+    the supervisor starts under ``directory``."""
     api_port: int
     """The supervisor's control API (and, later, its /ui page)."""
     host: str = "127.0.0.1"

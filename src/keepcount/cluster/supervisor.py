@@ -187,6 +187,11 @@ class Supervisor:
         """The coordinator's membership as last seen by its watch."""
         self.members_at: float | None = None
         self.coordinator_url = ""
+        self.store_url = spec.store
+        """The store the nodes use: ``spec.store``, or the URL of the local
+        Cassandra cluster when the spec asks for one (``store = "cassandra"``)."""
+        self.store_servers: Any = None
+        """That local Cassandra cluster (``CassandraCluster``): fault verbs."""
         self.started = time.time()
         self.ready = asyncio.Event()
         """Set once every node was ready at least once after start-up."""
@@ -226,6 +231,7 @@ class Supervisor:
         self.event("cluster_starting", lb=spec.lb, coordinator=spec.coordinator, store=spec.store)
         api_task: asyncio.Task[None] | None = None
         try:
+            await asyncio.to_thread(self._start_store)
             await asyncio.to_thread(self._start_coordinator)
             await asyncio.to_thread(self._start_balancer)
             self._session = aiohttp.ClientSession(
@@ -277,6 +283,28 @@ class Supervisor:
     def servers(self) -> Any:
         """The coordinator's servers (``EtcdCluster`` / ``ZooKeeperServer``): fault verbs."""
         return self._servers
+
+    def _start_store(self) -> None:
+        """Start the local Cassandra cluster the spec asks for, if it does, and
+        create the store's schema once, before the nodes start (concurrent
+        schema changes from several clients can conflict in Cassandra 5.0)."""
+        spec = self.spec
+        if spec.store == "cassandra":
+            from keepcount.cluster.cassandra import CassandraCluster
+
+            started = time.monotonic()
+            cluster = CassandraCluster(spec.directory / "cassandra", nodes=3)
+            self.store_servers = cluster
+            cluster.start()
+            self.store_url = cluster.url_for("keepcount")
+            self.event(
+                "store_ready", kind="cassandra", url=self.store_url,
+                seconds=round(time.monotonic() - started, 3),
+            )  # fmt: skip
+        if not self.store_url.startswith("sqlite:"):
+            from keepcount.stores import open_store
+
+            open_store(self.store_url).close()
 
     def _start_coordinator(self) -> None:
         spec = self.spec
@@ -473,7 +501,7 @@ class Supervisor:
         logs = spec.directory / "nodes"
         proc = NodeProcess(
             ns.spec.id,
-            spec.store,
+            self.store_url,
             port=ns.spec.ports[slot],
             host=spec.host,
             log=logs / f"{slot_name(ns.spec.id, slot)}.log",
@@ -592,11 +620,11 @@ class Supervisor:
 
     async def _stop_outside_writes(self, inc: Incarnation) -> int:
         """Re-stop ``inc`` until it is stopped holding no lock on the store file."""
-        if not self.spec.store.startswith("sqlite:"):
+        if not self.store_url.startswith("sqlite:"):
             return 1
         from keepcount.stores import sqlite_path
 
-        db = Path(sqlite_path(self.spec.store))
+        db = Path(sqlite_path(self.store_url))
         paths = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
         for attempt in range(1, 1001):
             while process_state(inc.pid) not in ("T", None):
@@ -660,7 +688,7 @@ class Supervisor:
                 lb["error"] = str(exc)
         return {
             "directory": str(self.spec.directory),
-            "store": self.spec.store,
+            "store": self.store_url,
             "coordinator": {"kind": self.spec.coordinator, "url": self.coordinator_url},
             "lb": lb,
             "api": self.spec.api_url,
@@ -718,6 +746,7 @@ class Supervisor:
             ("coordinator client", self._coordinator, "close"),
             ("load balancer", self._balancer, "stop"),
             ("coordinator", self._servers, "stop"),
+            ("store", self.store_servers, "stop"),
         ]
         for what, obj, method in steps:
             if obj is None:  # never started

@@ -1,7 +1,8 @@
 """Stores: where each node's absolute values live, chosen by URL.
 
 ``sqlite:///rel.db`` and ``sqlite:////abs/path.db`` follow SQLAlchemy's
-convention (three slashes then a relative path, four for an absolute one).
+convention (three slashes then a relative path, four for an absolute one);
+``cassandra://host1,host2,host3[:port]/keyspace`` is Apache Cassandra.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from keepcount.stores.base import Store
 
 __all__ = ["Store", "open_store", "sqlite_path"]
 
-_PLANNED = {"cassandra", "bigtable"}
+_PLANNED = {"bigtable"}
 
 
 def sqlite_path(url: str) -> str:
@@ -39,6 +40,10 @@ def open_store(url: str) -> Store:
         from keepcount.stores.sqlite import SQLiteStore
 
         return SQLiteStore(sqlite_path(url))
+    if scheme == "cassandra":
+        from keepcount.stores.cassandra import CassandraStore
+
+        return CassandraStore(url)
     if scheme in _PLANNED:
         raise InvalidInput(f"store scheme {scheme!r} is not available in this version of keepcount")
-    raise InvalidInput(f"unknown store scheme {scheme!r} in {url!r}; known: sqlite")
+    raise InvalidInput(f"unknown store scheme {scheme!r} in {url!r}; known: sqlite, cassandra")

@@ -37,8 +37,11 @@ Contract of each method (the conformance suite in
     idempotency ``keys`` (``KeyRecord``): all or nothing, durable when it
     returns (SQLite: committed with ``synchronous=FULL``).  Keys are
     store-wide (not per node).  If any key is already recorded and not
-    expired, raises ``KeyConflict`` naming every such key and writes nothing;
-    an expired record is replaced.
+    expired, raises ``KeyConflict`` naming every such key (``keys``) and
+    writes nothing; an expired record is replaced.  A store that can see a
+    key taken by another live writer before its record lands (no transaction
+    across partitions) names such keys in ``KeyConflict.pending``: their
+    outcome belongs to that writer.
     Idempotent: writing the same absolute values again changes nothing.
     Raises ``Fenced`` if the node's recorded epoch is not ``epoch``,
     ``StoreUnavailable`` if nothing was written (busy, disk full, I/O error),
@@ -51,6 +54,8 @@ Contract of each method (the conformance suite in
 
 ``expire_keys(now, limit) -> int``
     Delete up to ``limit`` records that expired at ``now``; return how many.
+    A store whose records expire by themselves (``native_key_expiry``, e.g.
+    Cassandra's TTLs) returns 0.
 
 ``read_cluster(name=None) -> ClusterSnapshot``
     Every node's families and series (optionally of one metric name),
@@ -167,6 +172,8 @@ class Store(Protocol):
     """A durable home for per-node absolute values; see the module docstring."""
 
     url: str
+    native_key_expiry: bool
+    """True if idempotency records expire by themselves (``expire_keys`` is a no-op)."""
 
     def claim(self, node: str, epoch: int | None = None) -> int: ...
 

@@ -589,6 +589,8 @@ class SQLiteStore:
                     values += row
                 c.execute(_upsert_series(len(rows)), values)
 
+    native_key_expiry = False
+
     def lookup_key(self, key: str) -> KeyRecord | None:
         with self._lock, self._txn("look up an idempotency key", write=False) as c:
             row = c.execute(
