@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = ("inc", "durable", "restore", "flush", "http", "failover")
+BENCHMARKS = ("inc", "durable", "restore", "flush", "http", "failover", "cassandra")
 INSTALL = "run scripts/setup.sh (apt-get install redis-server redis-tools wrk)"
 
 

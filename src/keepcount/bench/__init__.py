@@ -7,7 +7,8 @@ One module per benchmark, each with ``run(settings, report) -> BenchResult``:
 - ``restore``: open + close with 10k..1M counters vs a bare SQLite read;
 - ``flush``: commit of 10 dirty counters among 1M vs among 10;
 - ``http``: durable HTTP increments/s vs a no-op endpoint of the same node;
-- ``failover``: a SIGKILLed node of a live cluster: LB, restart, errors, throughput.
+- ``failover``: a SIGKILLed node of a live cluster: LB, restart, errors, throughput;
+- ``cassandra``: the Cassandra store vs Cassandra counter columns; restore of 100k.
 
 Example::
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from keepcount.bench import durable, failover, flush, http, inc, restore
+from keepcount.bench import cassandra, durable, failover, flush, http, inc, restore
 from keepcount.bench.result import (
     BenchError,
     BenchResult,
@@ -48,5 +49,6 @@ BENCHMARKS: dict[str, Callable[[Settings, Report], BenchResult]] = {
     "flush": flush.run,
     "http": http.run,
     "failover": failover.run,
+    "cassandra": cassandra.run,
 }
 """In the order ``all`` runs them: ``flush`` reuses the store ``restore`` built."""

@@ -98,9 +98,13 @@ DEFAULT_REPLICATION = 3
 REQUEST_TIMEOUT = 10.0
 """Client-side seconds per request; the server's own write timeout (2 s by
 default) answers first, as a ``WriteTimeout``: outcome unknown."""
-REASSERT_BATCH = 100
-"""Rows per batch when a claim re-asserts a partition (single-partition
-batches; Cassandra warns above 5 KiB and refuses above 50 KiB by default)."""
+BATCH_ROWS = 500
+"""Rows per batch when a claim re-asserts a partition, or when a flush too
+big for one batch is split (a flush without idempotency keys only: a key's
+record and its value must stay in one atomic batch).  Single-partition
+batches are not held to Cassandra's multi-partition batch size limits; one
+mutation must stay under half a commitlog segment (16 MiB by default)."""
+CONCURRENT_BATCHES = 8
 
 _KEYSPACE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
 _DEF = "\x00"  # the labels of a family-definition row
@@ -392,14 +396,30 @@ class CassandraStore:
         claim.known = {(n, k) for n, series in snap.values.items() for k in series}
         return snap
 
-    def _batch_rows(self, statements: list[tuple[Any, tuple[Any, ...]]], node: str) -> None:
+    def _batch_rows(
+        self, statements: list[tuple[Any, tuple[Any, ...]]], node: str, what: str = "re-assert"
+    ) -> None:
+        """Single-partition batches of ``BATCH_ROWS`` statements, up to
+        ``CONCURRENT_BATCHES`` in flight; each is atomic, the whole is not."""
         from cassandra.query import BatchStatement, BatchType
 
-        for start in range(0, len(statements), REASSERT_BATCH):
+        batches = []
+        for start in range(0, len(statements), BATCH_ROWS):
             batch = BatchStatement(BatchType.UNLOGGED, consistency_level=self._cl.QUORUM)
-            for q, values in statements[start : start + REASSERT_BATCH]:
+            for q, values in statements[start : start + BATCH_ROWS]:
                 batch.add(q, values)
-            self._exec(batch, None, f"re-assert node {node!r}")
+            batches.append(batch)
+        for start in range(0, len(batches), CONCURRENT_BATCHES):
+            futures = [
+                self._session.execute_async(b) for b in batches[start : start + CONCURRENT_BATCHES]
+            ]
+            for fut in futures:
+                try:
+                    fut.result()
+                except Exception as exc:
+                    raise _translate(
+                        exc, f"store {self.url}: {what} node {node!r}", write=True
+                    ) from exc
 
     def release(self, node: str, epoch: int) -> None:
         with self._lock:
@@ -485,6 +505,20 @@ class CassandraStore:
             claim.snapshot = None  # the claim's read is stale from now on
         if keys:
             self._own_keys(node, claim, keys)
+        if not keys and len(series) > BATCH_ROWS:
+            # A huge flush (a first write of many series): values are absolute
+            # and idempotent, so partial batches are safe; only the last one
+            # (below) is followed by the fencing check.
+            head, series = series[:-BATCH_ROWS], series[-BATCH_ROWS:]
+            statements: list[tuple[Any, tuple[Any, ...]]] = []
+            for name, labels, value, created in head:
+                q = self._q_series_i if isinstance(value, int) else self._q_series_s
+                statements.append((q, (node, name, labels, value, ts)))
+                if (name, labels) not in claim.known:
+                    statements.append((self._q_created_w, (ts, created, node, name, labels)))
+            self._batch_rows(statements, node, "write")
+            with self._lock:
+                claim.known.update((name, labels) for name, labels, _, _ in head)
         batch = BatchStatement(BatchType.UNLOGGED, consistency_level=self._cl.QUORUM)
         for f in families:
             batch.add(self._q_family, (

@@ -1,0 +1,247 @@
+"""``cassandra``: the Cassandra store against Cassandra's own counter columns.
+
+On a local Apache Cassandra cluster (3 nodes, RF=3; 1 node with ``--quick``)
+started for the run:
+
+- **durable increments/s**, 64 asyncio writers over 8 label sets, each
+  looping ``child.inc(); await reg.commit()`` through the Cassandra store
+  (an increment counts once its flush — one single-partition batch at
+  QUORUM — returned), against the same 64 writers each awaiting
+  ``UPDATE ... SET v = v + 1`` at QUORUM on a counter column, the approach
+  DESIGN §5 replaces (a timed-out counter update retried counts twice);
+  interleaved, ``duration`` seconds each, 3 times;
+- **flush latency** p50/p99: the store's ``write`` as the flusher saw it;
+- **restore of 100k counters** (10k with ``--quick``): ``keepcount.open`` —
+  the claim, which re-asserts the whole partition (read at QUORUM, write it
+  all again at the new incarnation's timestamp, then a tombstone), and the
+  load — against a bare QUORUM read of the same partition.
+
+Afterwards the stored total is read back: it must equal the acknowledged
+increments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import keepcount
+from keepcount.bench.measure import interleave, median, percentile
+from keepcount.bench.result import BenchError, BenchResult, Comparison, Report, Settings
+from keepcount.metrics import CounterChild
+
+__all__ = ["WRITERS", "run"]
+
+WRITERS = 64
+LABEL_SETS = 8
+_NAME = "bench_cassandra_total"
+_GRACE = 60.0
+
+
+def run(settings: Settings, report: Report) -> BenchResult:
+    from keepcount.cluster.cassandra import CassandraCluster
+
+    nodes = 1 if settings.quick else 3
+    restore_n = 10_000 if settings.quick else 100_000
+    repeats = 2 if settings.quick else 3
+    steps = 2 * repeats + 4
+    result = BenchResult(
+        "cassandra", f"Cassandra store ({nodes} node{'s' * (nodes > 1)}, QUORUM) vs counter columns"
+    )
+    with tempfile.TemporaryDirectory(prefix="cassandra-", dir=settings.workdir) as tmp:
+        report(0, steps, f"cassandra: starting {nodes} Cassandra node(s)")
+        try:
+            cluster = CassandraCluster(Path(tmp) / "cassandra", nodes=nodes)
+        except FileNotFoundError as exc:
+            raise BenchError(str(exc)) from None
+        try:
+            cluster.start()
+            started = cluster.start_seconds
+            ks = f"bench_{uuid.uuid4().hex[:8]}"
+            url = cluster.url_for(ks)
+            durable = _durable(url, settings.duration, repeats, report, steps)
+            report(steps - 2, steps, f"cassandra: restore of {restore_n:,} counters")
+            restore = _restore(url, restore_n)
+        finally:
+            cluster.stop()
+    ours, peer, flushes, acked = durable
+    peer_name = "Cassandra counter columns, UPDATE v = v + 1 at QUORUM"
+    result.comparisons = [
+        Comparison(
+            "acknowledged increments/s, 64 writers", "ops/s", median([r[0] for r in ours]),
+            median([r[0] for r in peer]), peer_name, None,
+            {"keepcount_runs": [r[0] for r in ours], "counter_runs": [r[0] for r in peer]},
+            f"{acked / max(len(flushes), 1):.1f} increments per flush",
+        ),
+        Comparison(
+            "increment latency p50", "ms", median([r[1] for r in ours]),
+            median([r[1] for r in peer]), peer_name,
+        ),
+        Comparison(
+            "increment latency p99", "ms", median([r[2] for r in ours]),
+            median([r[2] for r in peer]), peer_name,
+        ),
+        Comparison(
+            "flush (store write) p50 / p99", "ms", percentile(flushes, 50) * 1e3,
+            percentile(flushes, 99) * 1e3, "p99 (same flushes)", None,
+            {"flushes": len(flushes)},
+        ),
+        Comparison(
+            f"restore {restore_n:,} counters (open)", "s", restore["open_s"], restore["bare_s"],
+            "bare QUORUM read of the partition", None, restore,
+            f"restore_seconds {restore['restore_seconds']:.2f} s",
+        ),
+    ]  # fmt: skip
+    result.notes = {
+        "cassandra_nodes": nodes,
+        "cassandra_start_s": started,
+        "writers": WRITERS,
+        "label_sets": LABEL_SETS,
+        "duration_s": settings.duration,
+        "repeats": repeats,
+        "acknowledged": acked,
+        "flushes": len(flushes),
+        "restore_counters": restore_n,
+    }
+    return result
+
+
+def _durable(
+    url: str, duration: float, repeats: int, report: Report, steps: int
+) -> tuple[list[tuple[float, float, float]], list[tuple[float, float, float]], list[float], int]:
+    reg = keepcount.open(url, node="bench")
+    flushes: list[float] = []
+    store: Any = reg.store
+    write = store.write
+
+    def timed(*args: Any, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        try:
+            write(*args, **kwargs)
+        finally:
+            flushes.append(time.perf_counter() - started)
+
+    store.write = timed  # the benchmark's own probe on the flusher's store calls
+    try:
+        fam = reg.counter(_NAME, "cassandra benchmark", ["route", "status"])
+        children = [fam.labels(f"/r{i // 2}", str(200 + i % 2)) for i in range(LABEL_SETS)]
+        session = store._session
+        ks = store.keyspace  # validated by the store's URL parser: [A-Za-z0-9_]
+        session.execute(
+            f"CREATE TABLE IF NOT EXISTS {ks}.counter_peer (k text PRIMARY KEY, v counter)"
+        )
+        update = session.prepare(f"UPDATE {ks}.counter_peer SET v = v + 1 WHERE k = ?")  # noqa: S608
+        acked = 0
+        ours: list[tuple[float, float, float]] = []
+        peer: list[tuple[float, float, float]] = []
+
+        def ours_once() -> float:
+            nonlocal acked
+            report(1 + len(ours) * 2, steps, f"cassandra: keepcount {len(ours) + 1}/{repeats}")
+            lat = asyncio.run(_loop(lambda i: _commit(reg, children[i % LABEL_SETS]), duration))
+            acked += len(lat)
+            ours.append(_stats(lat, duration))
+            return ours[-1][0]
+
+        def peer_once() -> float:
+            report(
+                2 + len(peer) * 2, steps, f"cassandra: counter columns {len(peer) + 1}/{repeats}"
+            )
+            lat = asyncio.run(
+                _loop(lambda i: _execute(session, update, (f"k{i % LABEL_SETS}",)), duration)
+            )
+            peer.append(_stats(lat, duration))
+            return peer[-1][0]
+
+        interleave(ours_once, peer_once, repeats)
+        stored = 0
+        for series in reg.cluster(_NAME):  # read back from the store, not from memory
+            assert isinstance(series.value, int)
+            stored += series.value
+        if stored != acked:
+            raise BenchError(f"the store holds {stored} increments, {acked} were acknowledged")
+    finally:
+        reg.close()
+    return ours, peer, flushes, acked
+
+
+async def _commit(reg: keepcount.Registry, child: CounterChild) -> None:
+    child.inc()
+    await reg.commit()
+
+
+async def _execute(session: Any, statement: Any, params: tuple[Any, ...]) -> None:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(exc: BaseException | None) -> None:
+        if done.done():
+            return
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
+
+    def ok(_: Any) -> None:
+        loop.call_soon_threadsafe(settle, None)
+
+    def failed(exc: BaseException) -> None:
+        loop.call_soon_threadsafe(settle, exc)
+
+    session.execute_async(statement, params).add_callbacks(ok, failed)
+    await done
+
+
+async def _loop(op: Callable[[int], Any], duration: float) -> list[float]:
+    """``WRITERS`` tasks, each awaiting ``op(i)`` in a loop for ``duration``."""
+    latencies: list[float] = []
+    deadline = time.perf_counter() + duration
+
+    async def writer(i: int) -> None:
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            await op(i)
+            latencies.append(time.perf_counter() - started)
+
+    await asyncio.wait_for(asyncio.gather(*(writer(i) for i in range(WRITERS))), duration + _GRACE)
+    if not latencies:
+        raise BenchError("no increment was acknowledged")
+    return latencies
+
+
+def _stats(latencies: list[float], duration: float) -> tuple[float, float, float]:
+    return (
+        len(latencies) / duration,
+        percentile(latencies, 50) * 1e3,
+        percentile(latencies, 99) * 1e3,
+    )
+
+
+def _restore(url: str, n: int) -> dict[str, Any]:
+    node = "restore"
+    with keepcount.open(url, node=node, max_children=None) as reg:
+        fam = reg.counter("restore_total", "", ["k"])
+        for i in range(n):
+            fam.labels(f"series-{i:07d}").inc(i + 1)
+        reg.commit_sync(timeout=600)
+    started = time.perf_counter()
+    reg = keepcount.open(url, node=node, max_children=None)
+    open_s = time.perf_counter() - started
+    try:
+        restore_seconds = reg.restore_seconds
+        restored = reg.restored_series
+        store: Any = reg.store
+        started = time.perf_counter()
+        rows = list(store._session.execute(store._q_rows, (node,)))
+        bare_s = time.perf_counter() - started
+    finally:
+        reg.close()
+    if restored != n:
+        raise BenchError(f"restored {restored} series of {n}")
+    return {"open_s": open_s, "restore_seconds": restore_seconds, "bare_s": bare_s,
+            "rows": len(rows)}  # fmt: skip
