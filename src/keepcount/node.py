@@ -106,7 +106,7 @@ from keepcount.metrics import (
 )
 from keepcount.naming import check_label_names, check_metric_name, check_node_id, label_value
 from keepcount.openapi import OPENAPI
-from keepcount.registry import Registry
+from keepcount.registry import Receipt, Registry
 from keepcount.totals import SeriesTotal
 
 if TYPE_CHECKING:
@@ -189,6 +189,11 @@ class NodeConfig:
     """Seconds the coordinator keeps a claim whose holder stopped renewing it."""
     advertise: str | None = None
     """The node's URL, published with its claim for the cluster tooling."""
+    unsafe_ack_before_durable: bool = False
+    """**A deliberately broken node, for testing the verifier only**: answer
+    increments as soon as they are in memory (ignoring idempotency keys), as
+    a counter library without durability would.  ``keepcount verify`` must
+    find the acknowledged increments such a node loses when it is killed."""
 
     def __post_init__(self) -> None:
         check_node_id(self.node)
@@ -560,7 +565,10 @@ class Node:
                 "invalid_amount",
                 f"{name}{labels}: the value would pass 2**63-1; increment refused",
             )
-        if key is None:
+        if self.config.unsafe_ack_before_durable:
+            child.inc(by)  # the mutant: acknowledged before it is durable
+            receipt = Receipt(reg.node, name, dict(labels), child.value)
+        elif key is None:
             receipt = await reg.increment(child, by)
         else:
             request = _canonical({"name": name, "labels": labels, "by": by})

@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import cassandra_fixtures
 import pytest
 from cassandra import ConsistencyLevel, Unavailable
 from cassandra.cluster import Session
 from cassandra.query import SimpleStatement
-from cassandra_fixtures import driver_session
 
+import cassandra_fixtures
+from cassandra_fixtures import driver_session
 from keepcount.cluster.cassandra import (
     CassandraCluster,
     CqlConnection,

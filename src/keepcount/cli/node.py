@@ -112,6 +112,9 @@ def _bind(host: str, port: int) -> socket.socket:
               help="With --coordinator: seconds the claim outlives its last renewal.")  # fmt: skip
 @click.option("--advertise", default=None, metavar="URL",
               help="URL published with the claim (default: http://HOST:PORT of --listen).")  # fmt: skip
+@click.option("--unsafe-ack-before-durable", is_flag=True, hidden=True,
+              help="A deliberately broken node for testing `keepcount verify`: acknowledge "
+                   "increments before they are durable.")  # fmt: skip
 def node(
     node_id: str,
     store: str,
@@ -125,6 +128,7 @@ def node(
     coordinator: str | None,
     claim_ttl: float,
     advertise: str | None,
+    unsafe_ack_before_durable: bool,
 ) -> None:
     """Serve one node: claim --id (in --coordinator, or in --store), restore its
     counters from --store, then serve HTTP.
@@ -149,6 +153,7 @@ def node(
             coordinator=coordinator,
             claim_ttl=claim_ttl,
             advertise=advertise,
+            unsafe_ack_before_durable=unsafe_ack_before_durable,
         )
     except InvalidInput as exc:
         raise click.UsageError(str(exc)) from None

@@ -68,6 +68,7 @@ class ClusterSpec:
     host: str = "127.0.0.1"
     claim_ttl: float = 3.0
     extra: dict[str, Any] = field(default_factory=dict)
+    """Options for the tooling: ``node_args`` (extra ``keepcount node`` arguments)."""
 
     @property
     def lb_url(self) -> str:
@@ -95,6 +96,7 @@ class ClusterSpec:
         store: str | None = None,
         port: int | None = None,
         claim_ttl: float = 3.0,
+        extra: dict[str, Any] | None = None,
     ) -> ClusterSpec:
         """Node ids ``node-1..node-N``; with ``port`` the LB listens on it and
         the nodes' slots take the ports after it (``port+1``, ...), the API
@@ -132,6 +134,7 @@ class ClusterSpec:
             store=store or f"sqlite:///{directory}/counters.db",
             api_port=api_port,
             claim_ttl=claim_ttl,
+            extra=dict(extra or {}),
         )
 
     def save(self) -> None:

@@ -508,6 +508,7 @@ class Supervisor:
             extra=[
                 "--coordinator", self.coordinator_url,
                 "--claim-ttl", str(spec.claim_ttl),
+                *spec.extra.get("node_args", []),
             ],
         )  # fmt: skip
         proc.start()
