@@ -75,7 +75,7 @@ from keepcount.errors import (
     StoreUnavailable,
 )
 from keepcount.metrics import MAX_VALUE
-from keepcount.stores.base import FamilyDef, KeyRecord, SeriesRow
+from keepcount.stores.base import FamilyDef, KeyRecord, SeriesRow, SeriesValue
 
 __all__ = ["DEFAULT_FLUSH_INTERVAL", "DEFAULT_IDEMPOTENCY_TTL", "GroupCommit", "Keyed"]
 
@@ -144,13 +144,15 @@ class _Flush:
     """What one flush writes: taken children and families, keyed deltas, and
     the rows and key records composed from them (under the lock)."""
 
-    __slots__ = ("children", "families", "keyed", "records", "rows", "values")
+    __slots__ = ("children", "families", "keyed", "records", "rows", "states", "values")
 
     def __init__(self, children: list[Any], families: list[Any], keyed: list[Keyed]) -> None:
         self.children = children
         self.families = families
         self.keyed = keyed
         self.rows: list[SeriesRow] = []
+        self.states: list[tuple[Any, SeriesValue]] = []
+        """(child, the state written for it): its durable state once written."""
         self.records: list[KeyRecord] = []
         self.values: list[int] = []
         """The child's value right after each keyed delta, as recorded."""
@@ -382,12 +384,16 @@ class GroupCommit:
         f.keyed, f.values = keyed, values
         rows: list[SeriesRow] = []
         append = rows.append
+        states: list[tuple[Any, SeriesValue]] = []
         for child in f.children:
             state = after.pop(child) if after and child in after else child._state()
             append((child.family.name, child.key, state, child.created or now))
+            states.append((child, state))
         for child, state in after.items():
             append((child.family.name, child.key, state, child.created or now))
+            states.append((child, state))
         f.rows = rows
+        f.states = states
         f.records = [
             KeyRecord(k.key, self._node, k.fingerprint, self._result(k, v), k.token, k.expires)
             for k, v in zip(keyed, values, strict=True)
@@ -405,6 +411,8 @@ class GroupCommit:
         self._inflight = None
         if error is None:
             self.flushes += 1
+            for child, state in f.states:  # what the store now holds for sure
+                child._durable = state
             for k, value, record in zip(f.keyed, f.values, f.records, strict=True):
                 k.child._value += k.by  # durable now: counted
                 self._answer(k, (value, False, record))

@@ -113,7 +113,10 @@ class _Shared:
 class CounterChild:
     """One label set of a counter: an integer that only grows."""
 
-    __slots__ = ("_dirty", "_lock", "_mark", "_value", "created", "family", "key", "labelvalues")
+    __slots__ = (
+        "_dirty", "_durable", "_lock", "_mark", "_value", "created", "family", "key",
+        "labelvalues",
+    )  # fmt: skip
 
     def __init__(
         self, family: Counter, values: tuple[str, ...], key: str, value: int, created: float | None
@@ -123,6 +126,8 @@ class CounterChild:
         self.key = key
         self.created = created
         self._value = value
+        self._durable: SeriesValue = value
+        """The value as of the last successful flush (what the store holds for sure)."""
         self._dirty = False
         self._lock = family._shared.lock
         self._mark = family._shared.mark
@@ -145,6 +150,14 @@ class CounterChild:
     @property
     def value(self) -> int:
         return self._value
+
+    @property
+    def durable_value(self) -> int:
+        """The value as of the last successful flush: the least a restart
+        restores.  What ``/metrics`` and the HTTP API expose."""
+        value = self._durable
+        assert isinstance(value, int)
+        return value
 
     def labeldict(self) -> dict[str, str]:
         return dict(zip(self.family.labelnames, self.labelvalues, strict=True))
@@ -210,7 +223,7 @@ class HistogramChild:
     """One label set of a histogram: bucket counts and a sum of observations."""
 
     __slots__ = (
-        "_counts", "_dirty", "_lock", "_mark", "_sum", "_upper",
+        "_counts", "_dirty", "_durable", "_lock", "_mark", "_sum", "_upper",
         "created", "family", "key", "labelvalues",
     )  # fmt: skip
 
@@ -229,6 +242,8 @@ class HistogramChild:
         self._upper = family.buckets
         self._counts = state.counts
         self._sum = state.sum
+        self._durable: SeriesValue = state.encode()
+        """The encoded state as of the last successful flush."""
         self._dirty = False
         self._lock = family._shared.lock
         self._mark = family._shared.mark
@@ -254,6 +269,13 @@ class HistogramChild:
     def value(self) -> HistogramValue:
         with self._lock:
             return HistogramValue(list(self._counts), self._sum)
+
+    @property
+    def durable_value(self) -> HistogramValue:
+        """The state as of the last successful flush (see ``CounterChild``)."""
+        raw = self._durable
+        assert isinstance(raw, str)
+        return HistogramValue.decode(raw, len(self._upper))
 
     def _state(self) -> SeriesValue:
         # Called under the lock by the flusher; encoding is cheap next to I/O.
@@ -372,7 +394,9 @@ class MetricFamily(Generic[ChildT]):
             yield decode_label_key(key), self._decode(raw)
 
     def series(self) -> Iterator[tuple[tuple[str, ...], Any, float | None]]:
-        """Every label set with its current value and created time (unix
+        """Every label set with its *durable* value (as of the last successful
+        flush: a crash can never take it back, so an exposed value never goes
+        backwards across a restart, DESIGN G3) and its created time (unix
         seconds of its first write, stable across restarts; None only for a
         restored series whose store kept none)."""
         with self._lock:
@@ -380,7 +404,7 @@ class MetricFamily(Generic[ChildT]):
             restored = list(self._restored.items())
             created = self._restored_created
         for child in children:
-            yield child.labelvalues, child.value, child.created
+            yield child.labelvalues, child.durable_value, child.created
         for key, raw in restored:
             yield decode_label_key(key), self._decode(raw), created.get(key)
 

@@ -39,7 +39,9 @@ FORMATS = [
 def scrape(
     reg: keepcount.Registry, accept: str | None, parse: Parser, *, node_metrics: bool = False
 ) -> tuple[dict[str, Metric], Samples]:
-    """Families by name and every sample by (name, labels), as a scraper reads them."""
+    """Families by name and every sample by (name, labels), as a scraper reads
+    them, once everything incremented is durable (what is exposed)."""
+    reg.commit_sync()
     body, _ = render(reg, accept, node_metrics=node_metrics)
     families = {f.name: f for f in parse(body.decode("utf-8"))}
     samples: Samples = {}
@@ -340,6 +342,7 @@ PROMETHEUS_3_ACCEPT = (
 )
 def test_negotiation(reg: keepcount.Registry, accept: str | None, content_type: str) -> None:
     reg.counter("job:hits_total", "Hits", ["route"]).labels("/").inc(3)
+    reg.commit_sync()
     body, got = render(reg, accept)
     assert got.startswith(content_type)
     text = body.decode("utf-8")
@@ -386,7 +389,32 @@ def test_the_collector_works_in_any_prometheus_client_registry(reg: keepcount.Re
     from prometheus_client import CollectorRegistry, generate_latest
 
     reg.counter("hits_total", "Hits").inc(4)
+    reg.commit_sync()
     cr = CollectorRegistry(auto_describe=False)
     cr.register(KeepcountCollector(reg, node_metrics=False))
     families = {f.name: f for f in parse_text(generate_latest(cr).decode())}
     assert families["hits"].samples[0].value == 4
+
+
+def test_only_durable_values_are_exposed(reg: keepcount.Registry) -> None:
+    """DESIGN G3: an exposed value never goes backwards across a restart, so
+    what is exposed is what the store holds for sure — not an increment still
+    in memory, which a kill -9 would take back."""
+    hits = reg.counter("hits_total", "Hits", ["route"])
+    lat = reg.histogram("latency_seconds", "Latency", buckets=[1])
+    hits.labels("/").inc(2)
+    lat.observe(0.5)
+    reg.commit_sync()
+    hits.labels("/").inc(5)  # in memory only
+    lat.observe(0.7)
+    body, _ = render(reg, None, node_metrics=False)
+    families = {f.name: f for f in parse_text(body.decode())}
+    assert families["hits"].samples[0].value == 2
+    assert {s.name: s.value for s in families["latency_seconds"].samples}[
+        "latency_seconds_count"
+    ] == 1
+    assert hits.labels("/").value == 7, "the in-memory value is still there for the application"
+    reg.commit_sync()
+    body, _ = render(reg, None, node_metrics=False)
+    families = {f.name: f for f in parse_text(body.decode())}
+    assert families["hits"].samples[0].value == 7

@@ -18,11 +18,13 @@ def _register() -> None:
     from keepcount.cli.cluster import cluster
     from keepcount.cli.demo import demo
     from keepcount.cli.node import node
+    from keepcount.cli.verify import verify
 
     main.add_command(demo)
     main.add_command(cluster)
     main.add_command(bench)
     main.add_command(node)
+    main.add_command(verify)
 
 
 _register()

@@ -1,0 +1,131 @@
+"""The nemesis: faults on a schedule drawn from a seed, so a failing run replays.
+
+One fault at a time, then ``quiet`` seconds without any; each fault's window
+(start, end in the run's clock) is recorded for the checkers and the report.
+
+- ``kill``: SIGKILL a keepcount node; the supervisor restarts it; the window
+  ends once its new incarnation is ready.
+- ``pause``: SIGSTOP a node past its claim's TTL (outside an SQLite write:
+  see ``Supervisor.signal(clean=True)``); the supervisor replaces it; then
+  SIGCONT the old process, which must acknowledge nothing more and stop.
+- ``store``: SIGKILL one Cassandra replica, ``hold`` seconds, restart it
+  (only with a local Cassandra store).
+- ``coordinator``: SIGKILL one etcd member (or the ZooKeeper server),
+  ``hold`` seconds, restart it.
+- ``partition``: cutting nodes off the store and the coordinator needs the
+  nodes in network namespaces of their own; this local cluster runs every
+  process on loopback in one namespace, so it is reported as unavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from keepcount.cluster.faults import kill, pause
+from keepcount.verify.checker import Fault
+
+__all__ = ["KINDS", "Nemesis"]
+
+KINDS = ("kill", "pause", "store", "coordinator", "partition")
+
+
+@dataclass
+class Nemesis:
+    sup: Any
+    """The cluster's ``Supervisor``."""
+    kinds: Sequence[str]
+    seed: int
+    clock: Callable[[], float]
+    """The run's clock (seconds since its start)."""
+    quiet: float = 4.0
+    hold: float = 4.0
+    faults: list[Fault] = field(default_factory=list)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    """kind -> why it cannot run here."""
+    log: Callable[[str], None] = print
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.kinds) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown fault kinds {unknown}: choose from {KINDS}")
+        if "store" in self.kinds and self.sup.store_servers is None:
+            self.unavailable["store"] = (
+                "the store is not a local Cassandra cluster (run with --store cassandra)"
+            )
+        if "partition" in self.kinds:
+            self.unavailable["partition"] = (
+                "network partitions need each node in a network namespace of its own; the "
+                "local cluster runs on loopback in one namespace (not implemented)"
+            )
+
+    @property
+    def runnable(self) -> list[str]:
+        return [k for k in self.kinds if k not in self.unavailable]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        rnd = random.Random(self.seed)
+        kinds = self.runnable
+        if not kinds:
+            await stop.wait()
+            return
+        await _wait(stop, self.quiet)
+        while not stop.is_set():
+            kind = rnd.choice(kinds)
+            await self._one(kind, rnd)
+            await _wait(stop, self.quiet)
+
+    async def _one(self, kind: str, rnd: random.Random) -> None:
+        sup = self.sup
+        nodes = sorted(sup.nodes)
+        start = self.clock()
+        if kind == "kill":
+            target = rnd.choice(nodes)
+            self.log(f"nemesis: SIGKILL {target}")
+            await kill(sup, target)
+        elif kind == "pause":
+            target = rnd.choice(nodes)
+            self.log(f"nemesis: SIGSTOP {target} past its claim's TTL, then SIGCONT")
+            await pause(sup, target)
+        elif kind == "store":
+            servers = sup.store_servers
+            i = rnd.randrange(len(servers.nodes))
+            target = f"cassandra-{i}"
+            self.log(f"nemesis: SIGKILL Cassandra node {i} for {self.hold:g} s")
+            await asyncio.to_thread(servers.kill, i)
+            await asyncio.sleep(self.hold)
+            await asyncio.to_thread(servers.restart, i)
+        else:  # coordinator
+            servers = sup.servers
+            i = rnd.randrange(len(servers.members))
+            target = f"{sup.spec.coordinator}-{i}"
+            self.log(f"nemesis: SIGKILL {sup.spec.coordinator} member {i} for {self.hold:g} s")
+            await asyncio.to_thread(servers.kill, i)
+            await asyncio.sleep(self.hold)
+            await asyncio.to_thread(servers.restart, i)
+            await _until_ready(sup, 60)
+        self.faults.append(Fault(kind, target, start, self.clock()))
+
+    async def heal(self) -> None:
+        """Every fault undone: nodes ready (the supervisor restarts them)."""
+        await _until_ready(self.sup, 90)
+
+
+async def _until_ready(sup: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(ns.current is not None and ns.current.ready for ns in sup.nodes.values()):
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"the cluster was not whole again within {timeout:g} s")
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass

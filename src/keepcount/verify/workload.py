@@ -1,0 +1,271 @@
+"""The verifier's clients: increments, reads and scrapes, every one recorded.
+
+Through the load balancer, ``clients`` asyncio processes each loop over one
+increment at a time of a counter (``verify_total``) on one of a few label
+sets.  A share ``keyed`` of them carries an ``Idempotency-Key``: keyed and
+plain increments use different label sets (``mode=keyed`` / ``mode=plain``),
+so that exactly-once can be checked on the keyed ones.  Each attempt is
+recorded as an ``invoke`` then its completion:
+
+- ``ok``: HTTP 200 (acknowledged: durable);
+- ``fail``: a 4xx (refused: nothing counted);
+- ``info``: anything else — a 5xx (a 503 may still be counted by a later
+  flush of that node), a timeout, a reset connection.  A keyed increment that
+  ended ``info`` is sent again with the same key until it is ``ok`` or
+  ``fail`` (a plain one is left unknown).
+
+A reader process reads the cluster totals through the load balancer every
+``read_every`` seconds; a scraper reads each node's own ``/metrics`` directly
+(the verifier finds the nodes through the cluster's supervisor).  After the
+run, ``settle`` resolves every keyed increment left unknown, then one final
+read is taken: the checkers (``keepcount.verify.checker``) judge it all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from keepcount.verify.history import HistoryWriter, Op
+
+__all__ = ["COUNTER", "Workload"]
+
+COUNTER = "verify_total"
+SHARDS = 3
+SCRAPE_TIMEOUT = aiohttp.ClientTimeout(total=1.0)
+REQUEST_TIMEOUT = 3.0
+"""Seconds before an attempt is given up as unknown (``info``): longer than
+the load balancer's own retries of a dead or paused node take."""
+
+
+class Workload:
+    """See the module docstring.  ``nodes()`` returns the nodes to scrape now
+    as ``{node: (url, pid)}``."""
+
+    def __init__(
+        self,
+        lb_url: str,
+        history: HistoryWriter,
+        nodes: Callable[[], dict[str, tuple[str, int]]],
+        *,
+        clients: int = 8,
+        keyed: float = 0.5,
+        seed: int = 0,
+        read_every: float = 0.5,
+    ) -> None:
+        self.lb_url = lb_url
+        self.history = history
+        self.nodes = nodes
+        self.clients = clients
+        self.keyed = keyed
+        self.seed = seed
+        self.read_every = read_every
+        self.started = time.monotonic()
+        self._index = 0
+        self._scrape_process: dict[str, int] = {}
+        """node -> the history process that scrapes it (one each, after the clients')."""
+        self._pending: list[tuple[int, dict[str, Any], str]] = []
+        """Keyed increments still unknown when their client stopped: (process, value, key)."""
+        self.acked = 0
+        self.attempts = 0
+
+    # -- recording -------------------------------------------------------------
+
+    def record(self, process: int, type: str, f: str, value: Any = None, *, key: str | None = None,
+               node: str | None = None, error: str | None = None) -> Op:  # fmt: skip
+        op = Op(self._index, process, type, f, round(time.monotonic() - self.started, 6), value,
+                key, node, error)  # fmt: skip
+        self._index += 1
+        self.history.write(op)
+        return op
+
+    # -- running ---------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Clients, the reader and the scraper, until ``stop`` is set."""
+        rnd = random.Random(self.seed)
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            tasks = [
+                self._client(session, p, random.Random(rnd.randrange(2**32)), stop)
+                for p in range(self.clients)
+            ]
+            tasks.append(self._reader(session, self.clients, stop))
+            tasks.append(self._scraper(session, self.clients + 2, stop))
+            await asyncio.gather(*tasks)
+
+    async def _client(
+        self, session: aiohttp.ClientSession, process: int, rnd: random.Random,
+        stop: asyncio.Event,
+    ) -> None:  # fmt: skip
+        while not stop.is_set():
+            keyed = rnd.random() < self.keyed
+            labels = {"mode": "keyed" if keyed else "plain", "shard": str(rnd.randrange(SHARDS))}
+            value = {"labels": labels, "by": rnd.randint(1, 3)}
+            key = uuid.UUID(int=rnd.getrandbits(128)).hex if keyed else None
+            delay = 0.02
+            while True:
+                outcome = await self._add(session, process, value, key)
+                if outcome != "info" or key is None:
+                    break
+                if stop.is_set():  # settled after the run, by settle()
+                    self._pending.append((process, value, key))
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    async def _add(
+        self, session: aiohttp.ClientSession, process: int, value: dict[str, Any], key: str | None
+    ) -> str:
+        self.record(process, "invoke", "add", value, key=key)
+        self.attempts += 1
+        headers = {"Content-Type": "application/json"}
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        try:
+            async with session.post(
+                f"{self.lb_url}/v1/counters/{COUNTER}/increment",
+                data=json.dumps(value), headers=headers,
+            ) as r:  # fmt: skip
+                status = r.status
+                body = await r.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            self.record(process, "info", "add", value, key=key, error=type(exc).__name__)
+            return "info"
+        answer = _json(body)
+        if status == 200 and isinstance(answer, dict) and "value" in answer:
+            self.acked += 1
+            self.record(process, "ok", "add", value, key=key, node=answer.get("node"))
+            return "ok"
+        error = f"{status} {_code(answer)}"
+        kind = "fail" if 400 <= status < 500 else "info"
+        self.record(process, kind, "add", value, key=key, error=error)
+        return kind
+
+    async def read(self, session: aiohttp.ClientSession, process: int) -> Op:
+        """One read of the cluster totals through the load balancer."""
+        self.record(process, "invoke", "read")
+        try:
+            async with session.get(f"{self.lb_url}/v1/cluster/counters/{COUNTER}") as r:
+                status, body = r.status, await r.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return self.record(process, "info", "read", error=type(exc).__name__)
+        answer = _json(body)
+        if status == 404:  # nothing counted yet
+            return self.record(process, "ok", "read", {"totals": {}})
+        if status != 200 or not isinstance(answer, dict):
+            return self.record(process, "info", "read", error=f"{status} {_code(answer)}")
+        totals = {_label_key(c["labels"]): int(c["value"]) for c in answer["counters"]}
+        return self.record(process, "ok", "read", {"totals": totals})
+
+    async def _reader(
+        self, session: aiohttp.ClientSession, process: int, stop: asyncio.Event
+    ) -> None:
+        while not stop.is_set():
+            await self.read(session, process)
+            await _wait(stop, self.read_every)
+
+    async def _scraper(
+        self, session: aiohttp.ClientSession, process: int, stop: asyncio.Event
+    ) -> None:
+        """Each node's own values, one process per node (a paused node must not
+        hold up the others' scrapes)."""
+        running: dict[str, asyncio.Task[None]] = {}
+        nodes = 0
+        while not stop.is_set():
+            for node, (url, pid) in sorted(self.nodes().items()):
+                task = running.get(node)
+                if task is None or task.done():
+                    if node not in self._scrape_process:
+                        self._scrape_process[node] = process + nodes
+                        nodes += 1
+                    running[node] = asyncio.create_task(
+                        self._scrape(session, self._scrape_process[node], node, url, pid)
+                    )
+            await _wait(stop, self.read_every)
+        await asyncio.gather(*running.values())
+
+    async def _scrape(
+        self, session: aiohttp.ClientSession, process: int, node: str, url: str, pid: int
+    ) -> None:
+        self.record(process, "invoke", "scrape", {"node": node, "pid": pid})
+        try:
+            async with session.get(f"{url}/metrics", timeout=SCRAPE_TIMEOUT) as r:
+                status, text = r.status, await r.text()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            self.record(process, "info", "scrape", {"node": node, "pid": pid},
+                        error=type(exc).__name__)  # fmt: skip
+            return
+        if status != 200:
+            self.record(process, "info", "scrape", {"node": node, "pid": pid}, error=str(status))
+            return
+        values = _scraped(text)
+        self.record(process, "ok", "scrape", {"node": node, "pid": pid, "values": values},
+                    node=node)  # fmt: skip
+
+    async def settle(self, deadline: float) -> int:
+        """Send every keyed increment left unknown again (same key) until it
+        is ok or fail, or ``deadline`` (monotonic) passes; the number still
+        unknown.  Then a final read, retried until it answers."""
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            pending, self._pending = self._pending, []
+            left = []
+            for process, value, key in pending:
+                while time.monotonic() < deadline:
+                    if await self._add(session, process, value, key) != "info":
+                        break
+                    await asyncio.sleep(0.2)
+                else:
+                    left.append((process, value, key))
+            while time.monotonic() < deadline:
+                if (await self.read(session, self.clients)).type == "ok":
+                    break
+                await asyncio.sleep(0.2)
+        return len(left)
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def _code(answer: Any) -> str:
+    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+        return str(answer["error"].get("code"))
+    return ""
+
+
+def _label_key(labels: dict[str, str]) -> str:
+    return json.dumps(labels, sort_keys=True)
+
+
+def _scraped(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == COUNTER:
+                out[_label_key(dict(sample.labels))] = int(sample.value)
+    return out
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+def history_path(directory: Path) -> Path:
+    return directory / "history.jsonl"

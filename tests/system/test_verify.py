@@ -1,0 +1,55 @@
+"""`keepcount verify` end to end: a short run that must pass, and a mutant that must fail.
+
+The long soaks (VERIFY.md) run outside CI; these keep the verifier honest:
+the first shows a healthy cluster judged valid under kills and pauses, the
+second that the checkers really catch data loss — nodes that acknowledge an
+increment before it is durable lose acknowledged increments when killed,
+and the run must be judged invalid.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+def verify(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    out = subprocess.run(
+        [sys.executable, "-m", "keepcount.cli", "verify", "--dir", str(tmp_path / "v"), *args],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    results = tmp_path / "v" / "results.json"
+    doc = json.loads(results.read_text()) if results.exists() else {}
+    return out, doc
+
+
+def test_a_short_run_with_kills_and_pauses_is_valid(tmp_path: Path) -> None:
+    out, doc = verify(tmp_path, "--duration", "40", "--faults", "kill,pause", "--seed", "7",
+                      "--quiet", "3")  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "verdict: VALID" in out.stdout
+    assert doc["valid"] is True
+    assert len(doc["faults"]) >= 3, doc["faults"]
+    kinds = {f["kind"] for f in doc["faults"]}
+    assert kinds == {"kill", "pause"}, kinds
+    for name in ("counter", "exactly_once", "monotonic", "availability"):
+        assert doc["results"][name]["valid"] is True, (name, doc["results"][name])
+    report = (tmp_path / "v" / "report.html").read_text()
+    assert "throughput.png" in report and "nodes.png" in report
+    assert (tmp_path / "v" / "history.jsonl").stat().st_size > 10_000
+
+
+def test_nodes_that_acknowledge_before_durable_are_caught(tmp_path: Path) -> None:
+    """The mutation test: same run, broken nodes; the verdict must be INVALID."""
+    out, doc = verify(tmp_path, "--duration", "25", "--faults", "kill", "--seed", "7",
+                      "--quiet", "2", "--mutant", "ack-before-durable")  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "verdict: INVALID" in out.stdout
+    assert doc["valid"] is False
+    assert doc["results"]["counter"]["valid"] is False, "acknowledged increments were lost"
