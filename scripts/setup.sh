@@ -56,6 +56,11 @@ fi
 # ~/.cache/keepcount (fast once there; see the script).
 scripts/get-cassandra.sh >/dev/null
 
+# The Cloud Bigtable emulator for the Bigtable store's tests: Google's own,
+# built from source with `go install` through the Go module proxy into
+# ~/.cache/keepcount/bin (needs Go >= 1.26; fast once there; see the script).
+scripts/get-bigtable-emulator.sh >/dev/null
+
 # The virtualenv, re-synced whenever pyproject.toml changes.
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"

@@ -8,6 +8,12 @@ from pathlib import Path
 import pytest
 
 import keepcount
+from bigtable_fixtures import (  # noqa: F401 - one Bigtable emulator per session, for every module
+    bigtable_emulator,
+    bigtable_table,
+    bigtable_up,
+    bigtable_url,
+)
 from cassandra_fixtures import (  # noqa: F401 - one Cassandra cluster per session, for every module
     cassandra_cluster,
     cassandra_keyspace,

@@ -12,6 +12,11 @@ Example::
 
 What is exposed:
 
+- **Durable values only**: each series as of the last successful flush
+  (``MetricFamily.series``), not an increment still in memory, which a
+  kill -9 would take back — so a scraped value never goes backwards across
+  a restart (DESIGN G3).  A node answering HTTP increments flushes before
+  it answers, so it lags by at most the increments in flight.
 - **Durable families**, as declared: a counter's samples are named
   ``<base>_total`` and ``<base>_created`` where ``<base>`` is its name without
   a trailing ``_total`` (so ``http_requests_total`` is exposed as

@@ -2,7 +2,9 @@
 
 ``sqlite:///rel.db`` and ``sqlite:////abs/path.db`` follow SQLAlchemy's
 convention (three slashes then a relative path, four for an absolute one);
-``cassandra://host1,host2,host3[:port]/keyspace`` is Apache Cassandra.
+``cassandra://host1,host2,host3[:port]/keyspace`` is Apache Cassandra;
+``bigtable://project/instance/table[?app_profile=ID&emulator=HOST:PORT]`` is
+Google Cloud Bigtable (or its emulator).
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ from keepcount.errors import InvalidInput
 from keepcount.stores.base import Store
 
 __all__ = ["Store", "open_store", "sqlite_path"]
-
-_PLANNED = {"bigtable"}
 
 
 def sqlite_path(url: str) -> str:
@@ -44,6 +44,10 @@ def open_store(url: str) -> Store:
         from keepcount.stores.cassandra import CassandraStore
 
         return CassandraStore(url)
-    if scheme in _PLANNED:
-        raise InvalidInput(f"store scheme {scheme!r} is not available in this version of keepcount")
-    raise InvalidInput(f"unknown store scheme {scheme!r} in {url!r}; known: sqlite, cassandra")
+    if scheme == "bigtable":
+        from keepcount.stores.bigtable import BigtableStore
+
+        return BigtableStore(url)
+    raise InvalidInput(
+        f"unknown store scheme {scheme!r} in {url!r}; known: sqlite, cassandra, bigtable"
+    )

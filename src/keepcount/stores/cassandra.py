@@ -157,6 +157,13 @@ class _Claim:
     """What the claim read, handed to the ``load`` that follows it."""
 
     def timestamp(self) -> int:
+        if self.seq + 1 >= 1 << _SEQ_BITS:
+            # 4 billion flushes in one incarnation (years at Cassandra's flush
+            # latency): the next would spill into the incarnation's bits.
+            raise StoreUnavailable(
+                "this incarnation used up its 2**32 flush timestamps; restart the node "
+                "(a new claim starts a new incarnation)"
+            )
         self.seq += 1
         return (self.incarnation << _SEQ_BITS) | self.seq
 
