@@ -97,8 +97,9 @@ def cluster() -> None:
 @click.option("--lb", type=click.Choice(BALANCERS), default="haproxy", show_default=True)
 @click.option("--coordinator", type=click.Choice(COORDINATORS), default="etcd", show_default=True)
 @click.option("--store", default=None, metavar="URL",
-              help="Store URL (default: sqlite:///DIR/counters.db, shared by the nodes), or "
-                   "'cassandra': a local 3-node Apache Cassandra cluster under DIR.")  # fmt: skip
+              help="Store URL (default: sqlite:///DIR/counters.db, shared by the nodes), "
+                   "'cassandra' (a local 3-node Apache Cassandra cluster under DIR) or "
+                   "'bigtable' (a local Bigtable emulator).")  # fmt: skip
 @_dir_option
 @click.option("--port", type=int, default=8100, show_default=True,
               help="Load balancer port; the nodes' slots and the API take the ones after it. "

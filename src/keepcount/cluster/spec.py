@@ -61,8 +61,9 @@ class ClusterSpec:
     lb_port: int
     coordinator: CoordinatorKind
     store: str
-    """A store URL, or ``cassandra``: a local 3-node Apache Cassandra cluster
-    the supervisor starts under ``directory``."""
+    """A store URL, ``cassandra`` (a local 3-node Apache Cassandra cluster the
+    supervisor starts under ``directory``) or ``bigtable`` (a local Bigtable
+    emulator: in memory only)."""
     api_port: int
     """The supervisor's control API (and, later, its /ui page)."""
     host: str = "127.0.0.1"

@@ -301,6 +301,14 @@ class Supervisor:
                 "store_ready", kind="cassandra", url=self.store_url,
                 seconds=round(time.monotonic() - started, 3),
             )  # fmt: skip
+        elif spec.store == "bigtable":
+            from keepcount.cluster.bigtable import BigtableEmulator
+
+            emulator = BigtableEmulator(spec.directory / "bigtable")
+            self.store_servers = emulator
+            emulator.start()
+            self.store_url = emulator.url_for("keepcount")
+            self.event("store_ready", kind="bigtable-emulator", url=self.store_url, seconds=0)
         if not self.store_url.startswith("sqlite:"):
             from keepcount.stores import open_store
 

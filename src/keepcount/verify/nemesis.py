@@ -53,7 +53,7 @@ class Nemesis:
         unknown = sorted(set(self.kinds) - set(KINDS))
         if unknown:
             raise ValueError(f"unknown fault kinds {unknown}: choose from {KINDS}")
-        if "store" in self.kinds and self.sup.store_servers is None:
+        if "store" in self.kinds and self.sup.spec.store != "cassandra":
             self.unavailable["store"] = (
                 "the store is not a local Cassandra cluster (run with --store cassandra)"
             )
