@@ -12,9 +12,12 @@ cd "$(dirname "$0")/.."
 # Central (scripts/get-cassandra.sh).  etcd, ZooKeeper (with a JRE: the
 # machine's JDK, else default-jre-headless), HAProxy and NGINX: the local
 # cluster's coordinators and load balancers, started by keepcount itself on
-# loopback, never as system services.
+# loopback, never as system services.  chromium (+ chromium-driver), nodejs
+# and npm: the live page's browser test (tests/browser drives Debian's
+# Chromium with playwright-core; no browser is downloaded).
 APT_PACKAGES=(python3 python3-venv python3-pip redis-server redis-tools wrk
-              etcd-server etcd-client haproxy nginx zookeeper maven)
+              etcd-server etcd-client haproxy nginx zookeeper maven
+              chromium chromium-driver nodejs npm)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"
@@ -37,6 +40,10 @@ for pkg in "${APT_PACKAGES[@]}"; do
     nginx) command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=("$pkg") ;;
     zookeeper) [ -f /usr/share/java/zookeeper.jar ] || missing+=("$pkg") ;;
     maven) command -v mvn >/dev/null 2>&1 || missing+=("$pkg") ;;
+    chromium) [ -x /usr/bin/chromium ] || missing+=("$pkg") ;;
+    chromium-driver) command -v chromedriver >/dev/null 2>&1 || missing+=("$pkg") ;;
+    nodejs) command -v node >/dev/null 2>&1 || missing+=("$pkg") ;;
+    npm) command -v npm >/dev/null 2>&1 || missing+=("$pkg") ;;
   esac
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -60,6 +67,20 @@ scripts/get-cassandra.sh >/dev/null
 # built from source with `go install` through the Go module proxy into
 # ~/.cache/keepcount/bin (needs Go >= 1.26; fast once there; see the script).
 scripts/get-bigtable-emulator.sh >/dev/null
+
+# playwright-core for the browser test, from the lock file (re-run when it changes).
+node_major=$(node -p 'process.versions.node.split(".")[0]')
+if [ "$node_major" -lt 20 ]; then
+  echo "setup: warning: node $(node --version) is older than 20, which playwright-core" \
+       "(tests/browser) needs: the browser test will fail; install Node.js >= 20" >&2
+fi
+lock_stamp=tests/browser/node_modules/.keepcount-lock
+want_lock=$(sha256sum tests/browser/package-lock.json | cut -d' ' -f1)
+if [ ! -f "$lock_stamp" ] || [ "$(cat "$lock_stamp")" != "$want_lock" ]; then
+  echo "setup: npm ci --prefix tests/browser"
+  npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error >/dev/null
+  echo "$want_lock" >"$lock_stamp"
+fi
 
 # The virtualenv, re-synced whenever pyproject.toml changes.
 if [ ! -x .venv/bin/python ]; then

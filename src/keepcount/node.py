@@ -107,10 +107,13 @@ from keepcount.metrics import (
 from keepcount.naming import check_label_names, check_metric_name, check_node_id, label_value
 from keepcount.openapi import OPENAPI
 from keepcount.registry import Receipt, Registry
-from keepcount.totals import SeriesTotal
+from keepcount.totals import SeriesTotal, cluster_totals
+from keepcount.ui import STATE_PATH, TimedCache, Transitions, asset_routes, node_state
+from keepcount.ui import series_counters as ui_counters
 
 if TYPE_CHECKING:
     from keepcount.coordination.base import Claim, Coordinator
+    from keepcount.stores.base import NodeRecord
 
 __all__ = [
     "DEFAULT_CLAIM_TIMEOUT",
@@ -150,6 +153,7 @@ RETRY_AFTER = "1"
 """Seconds a client should wait before retrying a 503 (sent as Retry-After)."""
 
 _WATCH_INTERVAL = 0.05  # seconds between checks for a lost claim while serving
+_UI_READ_EVERY = 0.5  # seconds: /ui reads the store at most this often, whatever the pages
 _CLAIM_BACKOFF = (0.05, 1.0)  # first and largest wait between claim attempts, seconds
 _KEY = re.compile(r"[!-~]{1,255}")  # Idempotency-Key (and token): printable ASCII, no spaces
 _KEY_BYTES = re.compile(rb"[!-~]{1,255}")
@@ -267,6 +271,10 @@ class Node:
         self.close_error: str | None = None
         self.waiting: str | None = None
         """Why the claim is still being retried (for /readyz), if it is."""
+        self.restoring_since: float | None = None
+        """Wall-clock time this node began claiming its id and restoring."""
+        self.ready_at: float | None = None
+        """Wall-clock time it was restored and began serving."""
         self.exit_code = 1
         """With ``fatal``: 1 if the node never served, ``EXIT_CLAIM_LOST`` if it lost its claim."""
         self.claim: Claim | None = None
@@ -276,6 +284,11 @@ class Node:
         self._stopping = False
         self._stop: asyncio.Event | None = None
         self._auth = None if config.token is None else b"Bearer " + config.token.encode()
+        # The live page (GET /ui): this node's uptime, its state changes, one store read at a time.
+        self._ui_started = time.monotonic()
+        self._ui_transitions = Transitions()
+        self._ui_transitions.observe(config.node, "restoring", time.time())
+        self._ui_read = TimedCache(_UI_READ_EVERY)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -323,6 +336,7 @@ class Node:
 
     async def _open(self) -> None:
         cfg = self.config
+        self.restoring_since = time.time()
         deadline = time.monotonic() + cfg.claim_timeout
         delay = _CLAIM_BACKOFF[0]
         epoch: int | None = None
@@ -363,6 +377,7 @@ class Node:
                 return
             self.registry = registry
             self.waiting = None
+            self.ready_at = time.time()
             if self._stopping:
                 return
             if self.on_ready is not None:
@@ -456,6 +471,8 @@ class Node:
                 "epoch": reg.epoch,
                 "restored_series": reg.restored_series,
                 "restore_seconds": round(reg.restore_seconds, 6),
+                "restoring_since": self.restoring_since,
+                "ready_at": self.ready_at,
                 "claim_expires_in": (
                     None
                     if self.claim is None
@@ -649,6 +666,59 @@ class Node:
             raise HTTPError(404, "not_found", f"no node of the store has a series of {name}")
         return _json({"counters": _cluster(totals)})
 
+    # -- the live page ---------------------------------------------------------------
+
+    def ui_status(self) -> tuple[str, str | None]:
+        """This node's state as the live page shows it (``keepcount.ui.NODE_STATES``),
+        and why it is not ready."""
+        if self.ready() is not None:
+            return "ready", None
+        reg = self.registry
+        why = self._not_ready().message
+        fenced = (reg is not None and reg.fenced) or (
+            self.fatal is not None and self.exit_code == EXIT_CLAIM_LOST
+        )
+        if fenced:
+            return "fenced", why
+        if self.fatal is not None or self._stopping or (reg is not None and reg.closed):
+            return "down", why
+        if reg is None:
+            return "restoring", why
+        return "unconfirmed", why
+
+    def ui_observe(self) -> tuple[str, str | None]:
+        """``ui_status()``, recorded in this node's state changes for the page."""
+        state, detail = self.ui_status()
+        self._ui_transitions.observe(self.config.node, state, time.time())
+        return state, detail
+
+    async def ui_state(self, request: Request) -> Response:
+        """``GET /ui/state.json`` (``keepcount.ui.state``): this node, the store's
+        other node ids, the cluster totals.  Served while not ready too (an
+        operator wants to watch a node restore); off the increment path: the
+        store is read in a thread, at most every ``_UI_READ_EVERY`` seconds."""
+        state, detail = self.ui_observe()
+        reg = self.registry
+        read: _UIRead | str | None = None
+        if reg is not None and not reg.closed:
+            read = await self._ui_read.get(lambda: asyncio.to_thread(_read_for_ui, reg))
+        epoch = reg.epoch if reg is not None else (self.claim.epoch if self.claim else None)
+        common: dict[str, Any] = {
+            "detail": detail,
+            "epoch": epoch,
+            "uptime": time.monotonic() - self._ui_started,
+            "pid": os.getpid(),
+            "transitions": self._ui_transitions,
+        }
+        if isinstance(read, _UIRead):
+            doc = node_state(
+                self.config.node, state, records=read.records, counters=read.counters,
+                truncated=read.truncated, counters_time=read.time, **common,
+            )  # fmt: skip
+        else:
+            doc = node_state(self.config.node, state, counters_error=read, **common)
+        return Response(_encode(doc).encode(), 200, _UI_STATE_HEADERS)
+
     # -- errors --------------------------------------------------------------------
 
     async def on_http_error(self, request: Request, exc: Exception) -> Response:
@@ -748,6 +818,35 @@ def _cluster(totals: Iterable[SeriesTotal]) -> list[dict[str, Any]]:
 
 
 _OPENAPI_BYTES = _encode(OPENAPI).encode()
+_UI_STATE_HEADERS = {"content-type": "application/json", "cache-control": "no-store"}
+
+
+@dataclass(frozen=True, slots=True)
+class _UIRead:
+    """What the live page needs from the store, read at ``time``."""
+
+    time: float
+    records: list[NodeRecord]
+    counters: list[dict[str, Any]]
+    truncated: int
+
+
+def _read_for_ui(reg: Registry) -> _UIRead | str:
+    """The store's node records and cluster totals for ``GET /ui/state.json``
+    (in a thread: it reads the store); a message if the store failed."""
+    started = time.time()
+    try:
+        snapshot = reg.store.read_cluster()
+        records = reg.store.nodes()
+    except KeepcountError as exc:
+        return f"reading the store failed: {exc}"
+    helps: dict[str, str] = {}
+    for families in snapshot.families.values():
+        for name, definition in families.items():
+            if definition.help and name not in helps:
+                helps[name] = definition.help
+    counters, truncated = ui_counters(cluster_totals(snapshot), helps)
+    return _UIRead(started, records, counters, truncated)
 
 
 class _ASGIEndpoint:
@@ -778,7 +877,18 @@ def create_app(
     claim; ``on_fatal(message)`` when it never will (see the module
     docstring).
     """
-    node = Node(config, on_ready=on_ready, on_fatal=on_fatal)
+
+    def ready(ready_node: Node) -> None:
+        ready_node.ui_observe()  # the moment it turned ready, for the live page
+        if on_ready is not None:
+            on_ready(ready_node)
+
+    def fatal(message: str) -> None:
+        node.ui_observe()
+        if on_fatal is not None:
+            on_fatal(message)
+
+    node = Node(config, on_ready=ready, on_fatal=fatal)
     api = [
         Route("/v1/counters/{name}/increment", _ASGIEndpoint(node.increment), methods=["POST"]),
         Route("/v1/counters", node.counters, methods=["GET"]),
@@ -789,6 +899,8 @@ def create_app(
         Route("/healthz", node.healthz, methods=["GET"]),
         Route("/readyz", node.readyz, methods=["GET"]),
         Route("/openapi.json", node.openapi, methods=["GET"]),
+        Route(STATE_PATH, node.ui_state, methods=["GET"]),
+        *asset_routes(),
     ]
     app = Starlette(
         routes=[*routes, *api],

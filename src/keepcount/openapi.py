@@ -18,6 +18,8 @@ from typing import Any
 from keepcount import __version__
 from keepcount.metrics import MAX_VALUE
 from keepcount.naming import MAX_LABEL_VALUE_LENGTH, MAX_NAME_LENGTH
+from keepcount.ui.assets import ASSETS, PAGE_PATH, STATE_PATH
+from keepcount.ui.state import STATE_SCHEMA
 
 __all__ = ["OPENAPI", "operations"]
 
@@ -223,6 +225,7 @@ _SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {"status": {"const": "ok"}},
     },
+    "UIState": STATE_SCHEMA,
     "Ready": {
         "type": "object",
         "required": ["status", "node", "epoch", "restored_series", "restore_seconds"],
@@ -233,6 +236,15 @@ _SCHEMAS: dict[str, Any] = {
             "epoch": {"type": "integer", "minimum": 1},
             "restored_series": {"type": "integer", "minimum": 0},
             "restore_seconds": {"type": "number", "minimum": 0},
+            "restoring_since": {
+                "type": "number",
+                "description": "Wall-clock time (Unix seconds) the node began claiming "
+                "its id and restoring.",
+            },
+            "ready_at": {
+                "type": "number",
+                "description": "Wall-clock time (Unix seconds) it was restored and began serving.",
+            },
             "claim_expires_in": {
                 "type": ["number", "null"],
                 "minimum": 0,
@@ -381,7 +393,40 @@ _PATHS: dict[str, Any] = {
             "responses": {"200": _ok("OpenAPI 3.1 document.", {"type": "object"})},
         }
     },
+    STATE_PATH: {
+        "get": {
+            "operationId": "uiState",
+            "summary": "What the live page shows: this node, the store's other node ids, "
+            "the cluster totals of every counter.",
+            "description": "Served whether or not the node is ready (a restoring node "
+            "answers with its own state and `counters_error`). The store is read at most "
+            "twice a second, whatever the number of pages open.",
+            "responses": {"200": _ok("The page's state.", _ref("schemas", "UIState"))},
+        }
+    },
 }
+
+
+def _asset_operation_id(path: str) -> str:
+    words = path.removeprefix(PAGE_PATH).replace(".", "/").split("/")
+    return "ui" + "".join(w[:1].upper() + w[1:] for w in words if w)
+
+
+for _path, (_file, _type) in ASSETS.items():
+    _PATHS[_path] = {
+        "get": {
+            "operationId": "uiPage" if _path == PAGE_PATH else _asset_operation_id(_path),
+            "summary": "The live page for operators (HTML)."
+            if _path == PAGE_PATH
+            else f"A file of the live page ({_file}).",
+            "responses": {
+                "200": {
+                    "description": "The file, with a same-origin Content-Security-Policy.",
+                    "content": {_type.split(";")[0]: {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    }
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",

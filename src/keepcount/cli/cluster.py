@@ -135,6 +135,7 @@ def up(
         raise click.UsageError(str(exc)) from None
     spec.save()
     if foreground:
+        click.echo(f"live page: {spec.api_url}/ui   (load balancer {spec.lb_url})", err=True)
         _supervise(spec)
         return
     log = open(directory / LOG_FILE, "ab")  # noqa: SIM115 - handed to the child
@@ -166,7 +167,8 @@ def up(
         time.sleep(0.1)  # poll interval of a readiness wait
     _print_status(status)
     click.echo(
-        f"\nload balancer: {spec.lb_url}   control API: {spec.api_url}\n"
+        f"\nlive page: {spec.api_url}/ui\n"
+        f"load balancer: {spec.lb_url}   control API: {spec.api_url}\n"
         f"try: curl -X POST {spec.lb_url}/v1/counters/hits_total/increment "
         "-H 'Content-Type: application/json' -d '{}'"
     )

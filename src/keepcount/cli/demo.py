@@ -109,8 +109,12 @@ async def _demo(
             console.print(f"{elapsed()}  {line}")
 
     console.print(
-        f"[bold]keepcount demo[/] (seed {seed}): {nodes} nodes behind {lb}, claims in "
-        f"{coordinator}, counters in {spec.store}"
+        f"[bold]keepcount demo[/] — live page: [bold]{spec.api_url}/ui[/] "
+        "(up once the cluster starts, in a few seconds; it follows the cluster while the "
+        "demo kills nodes)"
+    )
+    console.print(
+        f"seed {seed}: {nodes} nodes behind {lb}, claims in {coordinator}, counters in {spec.store}"
     )
     sup = Supervisor(spec, on_event=on_event)
     sup_task = asyncio.create_task(sup.run(), name="keepcount-supervisor")

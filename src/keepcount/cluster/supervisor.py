@@ -560,6 +560,8 @@ class Supervisor:
                         after=round(inc.ready_at - inc.started_mono, 3),
                         restored_series=body.get("restored_series"),
                         restore_seconds=body.get("restore_seconds"),
+                        restoring_since=body.get("restoring_since"),
+                        ready_at=body.get("ready_at"),
                     )  # fmt: skip
             elif inc.ready and inc is ns.current:
                 inc.ready = False
