@@ -14,10 +14,11 @@ cd "$(dirname "$0")/.."
 # cluster's coordinators and load balancers, started by keepcount itself on
 # loopback, never as system services.  chromium (+ chromium-driver), nodejs
 # and npm: the live page's browser test (tests/browser drives Debian's
-# Chromium with playwright-core; no browser is downloaded).
+# Chromium with playwright-core; no browser is downloaded).  nftables: the
+# network partitions of `keepcount verify` (rules on loopback, per cgroup).
 APT_PACKAGES=(python3 python3-venv python3-pip redis-server redis-tools wrk
               etcd-server etcd-client haproxy nginx zookeeper maven
-              chromium chromium-driver nodejs npm)
+              chromium chromium-driver nodejs npm nftables)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"
@@ -44,6 +45,7 @@ for pkg in "${APT_PACKAGES[@]}"; do
     chromium-driver) command -v chromedriver >/dev/null 2>&1 || missing+=("$pkg") ;;
     nodejs) command -v node >/dev/null 2>&1 || missing+=("$pkg") ;;
     npm) command -v npm >/dev/null 2>&1 || missing+=("$pkg") ;;
+    nftables) command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=("$pkg") ;;
   esac
 done
 if [ "${#missing[@]}" -gt 0 ]; then

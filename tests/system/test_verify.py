@@ -53,3 +53,25 @@ def test_nodes_that_acknowledge_before_durable_are_caught(tmp_path: Path) -> Non
     assert "verdict: INVALID" in out.stdout
     assert doc["valid"] is False
     assert doc["results"]["counter"]["valid"] is False, "acknowledged increments were lost"
+
+
+def test_network_partitions_are_survived(tmp_path: Path) -> None:
+    """Node processes cut off the coordinator (still reached by the load
+    balancer) or isolated, past their claim's TTL: each is replaced, every
+    old one stops by itself with exit status 3 once healed, and the history
+    is valid (nothing acknowledged lost, nothing counted twice)."""
+    out, doc = verify(tmp_path, "--duration", "30", "--faults", "partition", "--seed", "3",
+                      "--quiet", "2")  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert doc["valid"] is True
+    assert "partition" not in doc["settings"]["unavailable_faults"]
+    modes = {f["target"].rsplit(", ", 1)[1].rstrip(")") for f in doc["faults"]}
+    assert modes == {"isolate", "coordinator"}, doc["faults"]
+    events = [json.loads(line) for line in
+              (tmp_path / "v" / "cluster" / "events.jsonl").read_text().splitlines()]  # fmt: skip
+    lost = [e for e in events if e["event"] == "claim_lost"]
+    exits = {e["pid"]: e["code"] for e in events if e["event"] == "stale_exited"}
+    assert len(lost) == len(doc["faults"]), lost
+    assert all(exits.get(e["pid"]) == 3 for e in lost), (lost, exits)
+    per_fault = doc["results"]["availability"]["details"]["faults"]
+    assert all(f["target_is_node"] for f in per_fault)

@@ -192,6 +192,10 @@ class Supervisor:
         Cassandra cluster when the spec asks for one (``store = "cassandra"``)."""
         self.store_servers: Any = None
         """That local Cassandra cluster (``CassandraCluster``): fault verbs."""
+        self.partitions: Any = None
+        """``keepcount.cluster.partition.Partitions``, if set before ``run()``:
+        every node process is put in its slot's cgroup at spawn, so that a
+        nemesis can cut it off the network."""
         self.started = time.time()
         self.ready = asyncio.Event()
         """Set once every node was ready at least once after start-up."""
@@ -520,6 +524,8 @@ class Supervisor:
             ],
         )  # fmt: skip
         proc.start()
+        if self.partitions is not None:  # before the child's Python opens a socket
+            self.partitions.adopt(slot_name(ns.spec.id, slot), proc.pid)
         inc = Incarnation(ns.spec.id, ns.incarnations, slot, proc)
         ns.current = inc
         ns.next_start = None

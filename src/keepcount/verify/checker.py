@@ -115,9 +115,10 @@ DOUBLE_COUNT = "double_count"
 @dataclass(frozen=True, slots=True)
 class Fault:
     """A fault window of the nemesis: ``kind`` (``kill``, ``pause``, ...)
-    done to ``target`` (a node id such as ``node-2``, or another process:
-    ``etcd-1``, ``store``) from ``start`` to ``end``, in the history's clock
-    (seconds since the run started)."""
+    done to ``target`` (a node id such as ``node-2``, optionally followed by
+    a space and details, or another process: ``etcd-1``, ``cassandra-0``)
+    from ``start`` to ``end``, in the history's clock (seconds since the run
+    started)."""
 
     kind: str
     target: str
@@ -830,7 +831,8 @@ def _availability(h: _Analysis, faults: Sequence[Fault]) -> Result:
         n_fail = _count_in(fail_times, f.start, f.end)
         n_info = _count_in(info_times, f.start, f.end)
         n_ok = _count_in(ok_times, f.start, f.end)
-        is_node = f.target in h.node_ids
+        node = f.target.split(" ", 1)[0]  # "node-2 (node-2.a, isolate)": a partition's target
+        is_node = node in h.node_ids
         per_fault.append(
             {
                 "kind": f.kind,
@@ -845,7 +847,7 @@ def _availability(h: _Analysis, faults: Sequence[Fault]) -> Result:
                 "to_next_ok": _next_after(ok_times, f.start),
                 "target_is_node": is_node,
                 "to_next_ok_on_target": (
-                    _next_after(ok_by_node.get(f.target, []), f.start) if is_node else None
+                    _next_after(ok_by_node.get(node, []), f.start) if is_node else None
                 ),
             }
         )

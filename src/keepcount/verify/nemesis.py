@@ -12,21 +12,31 @@ One fault at a time, then ``quiet`` seconds without any; each fault's window
   (only with a local Cassandra store).
 - ``coordinator``: SIGKILL one etcd member (or the ZooKeeper server),
   ``hold`` seconds, restart it.
-- ``partition``: cutting nodes off the store and the coordinator needs the
-  nodes in network namespaces of their own; this local cluster runs every
-  process on loopback in one namespace, so it is reported as unavailable.
+- ``partition``: cut one node process off the network
+  (``keepcount.cluster.partition``: its slot's cgroup, nftables rules on
+  loopback), in a mode drawn from the seed: ``isolate`` (nobody reaches it,
+  it reaches nobody), ``coordinator`` (it cannot renew its claim; the load
+  balancer still reaches it) or ``store`` (it cannot write: Cassandra only).
+  The first two hold until the node's id is served by a new incarnation,
+  then heal; the old process must then find its claim lost and stop.
+  ``store`` holds ``hold`` seconds.  Needs root and nftables; the run says
+  why when it cannot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from keepcount.cluster.faults import kill, pause
+from keepcount.cluster import partition
+from keepcount.cluster.faults import RECOVER_TIMEOUT, FaultError, kill, pause, until
+from keepcount.cluster.partition import endpoints_of
+from keepcount.cluster.spec import slot_name
 from keepcount.verify.checker import Fault
 
 __all__ = ["KINDS", "Nemesis"]
@@ -57,10 +67,9 @@ class Nemesis:
             self.unavailable["store"] = (
                 "the store is not a local Cassandra cluster (run with --store cassandra)"
             )
-        if "partition" in self.kinds:
-            self.unavailable["partition"] = (
-                "network partitions need each node in a network namespace of its own; the "
-                "local cluster runs on loopback in one namespace (not implemented)"
+        if "partition" in self.kinds and self.sup.partitions is None:
+            self.unavailable["partition"] = partition.unavailable() or (
+                "the cluster was started without partitions (Supervisor.partitions)"
             )
 
     @property
@@ -99,6 +108,8 @@ class Nemesis:
             await asyncio.to_thread(servers.kill, i)
             await asyncio.sleep(self.hold)
             await asyncio.to_thread(servers.restart, i)
+        elif kind == "partition":
+            target = await self._partition(rnd)
         else:  # coordinator
             servers = sup.servers
             i = rnd.randrange(len(servers.members))
@@ -109,6 +120,41 @@ class Nemesis:
             await asyncio.to_thread(servers.restart, i)
             await _until_ready(sup, 60)
         self.faults.append(Fault(kind, target, start, self.clock()))
+
+    async def _partition(self, rnd: random.Random) -> str:
+        sup = self.sup
+        parts = sup.partitions
+        store = endpoints_of(sup.store_url)
+        mode = rnd.choice(["isolate", "coordinator", *(["store"] if store else [])])
+        node = rnd.choice(sorted(sup.nodes))
+        ns = sup.nodes[node]
+        await _until_ready(sup, 60)
+        old = ns.current
+        assert old is not None
+        slot = slot_name(node, old.slot)
+        self.log(f"nemesis: partition {slot} ({mode})")
+        parts.cut(
+            slot, mode, coordinator=endpoints_of(sup.coordinator_url), store=store,
+            port=ns.spec.ports[old.slot],
+        )  # fmt: skip
+        try:
+            if mode == "store":
+                await asyncio.sleep(self.hold)
+            else:  # until the id is served again, by a new incarnation
+                await until(lambda: old in ns.stale or old.exit_code is not None, None,
+                            RECOVER_TIMEOUT, f"{node}'s claim did not lapse")  # fmt: skip
+                await until(lambda: ns.current is not old and ns.current is not None
+                            and ns.current.ready, None, RECOVER_TIMEOUT,
+                            f"{node} was not replaced")  # fmt: skip
+        finally:
+            parts.heal()
+        if mode != "store":  # back on the network, it must find its claim lost and stop
+            with contextlib.suppress(FaultError):
+                await until(lambda: old.exit_code is not None, None, 30, "the old process stops")
+            if old.exit_code is None:
+                self.log(f"nemesis: the partitioned {slot} did not stop within 30 s of healing")
+        await _until_ready(sup, 60)
+        return f"{node} ({slot}, {mode})"
 
     async def heal(self) -> None:
         """Every fault undone: nodes ready (the supervisor restarts them)."""

@@ -59,6 +59,7 @@ class Verdict:
 
 
 async def verify(opts: Options, log: Callable[[str], None] = print) -> Verdict:
+    from keepcount.cluster import partition
     from keepcount.cluster.spec import ClusterSpec
     from keepcount.cluster.supervisor import Supervisor
     from keepcount.verify.nemesis import Nemesis
@@ -79,6 +80,8 @@ async def verify(opts: Options, log: Callable[[str], None] = print) -> Verdict:
     )  # fmt: skip
     spec.save()
     sup = Supervisor(spec, api=False)
+    if "partition" in opts.faults and partition.unavailable() is None:
+        sup.partitions = partition.Partitions.create()  # nodes join their cgroups at spawn
     sup_task = asyncio.create_task(sup.run(), name="keepcount-verify-cluster")
     history_file = directory / "history.jsonl"
     writer = HistoryWriter(history_file)
@@ -122,6 +125,8 @@ async def verify(opts: Options, log: Callable[[str], None] = print) -> Verdict:
             await asyncio.wait_for(sup_task, 120)
         except Exception as exc:  # the verdict still stands; say so
             log(f"verify: the cluster did not stop cleanly: {exc}")
+        if sup.partitions is not None:
+            sup.partitions.close()
     history = read_history(history_file)
     results = check(history, nemesis.faults)
     settings = {
