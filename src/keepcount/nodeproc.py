@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,12 +29,44 @@ from pathlib import Path
 __all__ = ["NodeProcess", "free_port", "http_get"]
 
 
+_HANDED_OUT: set[int] = set()
+_LOW_PORT = 10000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the kernel picks it)."""
-    with socket.socket() as s:
+    """A TCP port nothing listens on right now, below the kernel's ephemeral
+    range, and not handed out before by this process.
+
+    Not the kernel's pick (``bind(0)``): that comes from the ephemeral range,
+    from which every outgoing connection also takes its local port — a port
+    picked that way for a server started a moment later was, once in a CI
+    run, taken by a client connection in between ("Address already in use")."""
+    lo, _ = _ephemeral_range()
+    if lo - _LOW_PORT >= 1000:
+        for _ in range(200):
+            port = random.randrange(_LOW_PORT, lo)
+            if port in _HANDED_OUT:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _HANDED_OUT.add(port)
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: the kernel's pick
         s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+        picked: int = s.getsockname()[1]
+    _HANDED_OUT.add(picked)
+    return picked
 
 
 def http_get(host: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:

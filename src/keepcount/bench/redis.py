@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 from keepcount.bench.result import BenchError
+from keepcount.nodeproc import free_port
 
 __all__ = ["INSTALL_HINT", "RedisRun", "RedisServer", "require_tools"]
 
@@ -55,13 +55,6 @@ class RedisRun:
     p99_ms: float
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class RedisServer:
     """A ``redis-server`` on 127.0.0.1 that fsyncs its AOF on every write.
 
@@ -88,7 +81,7 @@ class RedisServer:
         raise BenchError(f"redis-server did not start; its log:\n{self._log_tail()}")
 
     def _spawn(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
         argv += ["--dir", str(self.datadir), "--save", ""]
         argv += ["--appendonly", "yes", "--appendfsync", "always"]

@@ -61,6 +61,7 @@ from types import TracebackType
 from typing import Literal, Self
 
 from keepcount.cluster.processes import ServerProcess, process_state
+from keepcount.nodeproc import free_port
 
 __all__ = [
     "INSTALL_HINT",
@@ -485,9 +486,7 @@ class CassandraNode(ServerProcess):
 def _free_port_on(hosts: Sequence[str], avoid: set[int]) -> int:
     """A TCP port nothing listens on at any of ``hosts`` right now."""
     for _ in range(100):
-        with socket.socket() as s:
-            s.bind((hosts[0], 0))
-            port: int = s.getsockname()[1]
+        port = free_port(hosts[0])
         if port in avoid:
             continue
         try:
