@@ -206,6 +206,11 @@ def _html(
         f"<td>{f.end:.2f}</td><td>{f.end - f.start:.2f}</td></tr>"
         for f in faults
     )
+    not_run = "".join(
+        f"<li><b>{e(str(kind))}</b>: {e(str(why))}</li>"
+        for kind, why in (settings.get("unavailable_faults") or {}).items()
+    )
+    not_run = f"<p>Asked for but not run here:</p><ul>{not_run}</ul>" if not_run else ""
     images = "".join(f"<p><img src='{e(p.name)}' alt='{e(p.stem)}'></p>" for p in plots)
     setting_rows = "".join(
         f"<tr><td>{e(str(k))}</td><td>{e(str(v))}</td></tr>" for k, v in settings.items()
@@ -227,6 +232,7 @@ td, th {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; font-si
 <h2>Faults</h2>
 <table><tr><th>kind</th><th>target</th><th>start (s)</th><th>end (s)</th><th>duration (s)</th></tr>
 {fault_rows}</table>
+{not_run}
 <h2>Plots</h2>{images}
 <h2>Settings</h2><table>{setting_rows}</table>
 <p>The history is <a href="history.jsonl">history.jsonl</a> (one operation per line);
