@@ -29,7 +29,7 @@ def _get(url: str) -> tuple[int, bytes]:
 def test_demo_kills_and_pauses_nodes_and_the_tally_equals_the_totals(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "keepcount.cli", "demo", "--steady", "1", "--seed", "3",
-         "--dir", str(tmp_path / "demo")],
+         "--linger", "3", "--dir", str(tmp_path / "demo")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     lines: list[str] = []
@@ -46,6 +46,7 @@ def test_demo_kills_and_pauses_nodes_and_the_tally_equals_the_totals(tmp_path: P
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     docs: list[dict[str, Any]] = []
+    after_verdict = 0  # answers from the page once the verdict was printed (--linger)
     page = b""
     try:
         assert found.wait(120), "the demo printed no live page address"
@@ -56,10 +57,12 @@ def test_demo_kills_and_pauses_nodes_and_the_tally_equals_the_totals(tmp_path: P
         # a few seconds after the address is printed until the demo ends).
         deadline = time.monotonic() + 600
         while proc.poll() is None and time.monotonic() < deadline:
+            verdict_shown = any(line.startswith("OK:") for line in lines)
             try:
                 status, body = _get(f"{url}/state.json")
                 if status == 200:
                     docs.append(json.loads(body))
+                    after_verdict += verdict_shown
                 if not page:
                     page = _get(url)[1]
             except OSError:  # not up yet, or already down
@@ -93,6 +96,7 @@ def test_demo_kills_and_pauses_nodes_and_the_tally_equals_the_totals(tmp_path: P
     # The live page was served and followed the demo's faults.
     assert b"<title>keepcount</title>" in page
     assert len(docs) >= 10, f"only {len(docs)} answers from the live page"
+    assert after_verdict >= 2, "the page stays up after the verdict with --linger"
     last = docs[-1]
     assert last["source"] == "cluster" and len(last["nodes"]) == 3
     assert any(d["counters"] for d in docs), "the page showed the demo's counters"

@@ -67,22 +67,25 @@ class Samples:
 @click.option("--steady", type=click.FloatRange(0.5, 60), default=3.0, show_default=True,
               help="Seconds of undisturbed load before, between and after the faults.")  # fmt: skip
 @click.option("--seed", type=int, default=None, help="Seed for the victims and the load.")
+@click.option("--linger", type=click.FloatRange(0, 3600), default=0.0, show_default=True,
+              help="Seconds the cluster and its live page stay up after the verdict "
+              "(Ctrl-C ends sooner).")  # fmt: skip
 def demo(
     workdir: Path, nodes: int, lb: str, coordinator: str, clients: int, steady: float,
-    seed: int | None,
+    seed: int | None, linger: float,
 ) -> None:  # fmt: skip
     """Kill and pause nodes of a live cluster; show that no acknowledged increment is lost."""
     console = Console()
     seed = random.randrange(2**32) if seed is None else seed
     workdir = workdir.resolve()
-    ok = asyncio.run(_demo(console, workdir, nodes, lb, coordinator, clients, steady, seed))
+    ok = asyncio.run(_demo(console, workdir, nodes, lb, coordinator, clients, steady, seed, linger))
     if not ok:
         raise SystemExit(1)
 
 
 async def _demo(
     console: Console, workdir: Path, nodes: int, lb: str, coordinator: str, clients: int,
-    steady: float, seed: int,
+    steady: float, seed: int, linger: float = 0.0,
 ) -> bool:  # fmt: skip
     import aiohttp
 
@@ -172,6 +175,17 @@ async def _demo(
             if verdict
             else "[bold red]FAILED[/] (see the report)"
         )
+        if linger > 0:
+            console.print(
+                f"the cluster and its live page ({spec.api_url}/ui) stay up for {linger:g} s; "
+                "Ctrl-C ends sooner"
+            )
+            try:
+                await asyncio.sleep(linger)
+            except asyncio.CancelledError:  # Ctrl-C: tear down, keep the verdict
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
         return verdict
     finally:
         stop_load.set()
