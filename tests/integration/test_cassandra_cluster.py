@@ -179,8 +179,14 @@ def test_a_one_node_cluster_starts_answers_and_stops(tmp_path: Path) -> None:
         print(f"one node UP in {cluster.start_seconds:.1f} s")
         assert cluster.url_for("ks") == f"cassandra://127.0.0.1:{cluster.port}/ks"
         assert cluster.alive_seen_by(0) == 1
-        with CqlConnection("127.0.0.1", cluster.port) as cql:
+        with CqlConnection("127.0.0.1", cluster.port, timeout=30) as cql:
             assert cql.query("SELECT peer FROM system.peers_v2") == []
+            cql.query(
+                "CREATE KEYSPACE again WITH replication = "
+                "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+            )
+            cql.query("CREATE TABLE again.t (k int PRIMARY KEY, v int)")
+            cql.query("INSERT INTO again.t (k, v) VALUES (1, 42)")
         pid = cluster.nodes[0].pid
     finally:
         print(cluster.logs(2000))
@@ -188,3 +194,21 @@ def test_a_one_node_cluster_starts_answers_and_stops(tmp_path: Path) -> None:
     assert process_state(pid) is None
     assert (tmp_path / "node0" / "commitlog").is_dir()
     assert (tmp_path / "node0" / "logs" / "cassandra.log").stat().st_size > 0
+
+    # The same directory starts again as the same cluster (`keepcount cluster
+    # up` twice in one --dir): same name and ports, the data still there.
+    again = CassandraCluster(tmp_path, nodes=1)
+    assert (again.settings.cluster_name, again.port) == (cluster.settings.cluster_name,
+                                                         cluster.port)  # fmt: skip
+    try:
+        again.start()
+        with CqlConnection("127.0.0.1", again.port, timeout=30) as cql:
+            assert cql.query("SELECT v FROM again.t WHERE k = 1") == [{"v": 42}]
+    finally:
+        print(again.logs(2000))
+        again.stop()
+    with pytest.raises(ValueError, match="with nodes 1, not 3"):
+        CassandraCluster(tmp_path, nodes=3)
+    (tmp_path / "keepcount-cassandra.json").write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable"):
+        CassandraCluster(tmp_path, nodes=1)

@@ -257,3 +257,44 @@ def test_cluster_cli_up_status_kill_restart_down(tmp_path: Path) -> None:
     assert gone.returncode != 0 and "does not answer" in gone.stderr
     for n in doc["nodes"]:
         assert process_state(n["pid"]) is None, f"{n['id']} still runs after down"
+
+
+def test_a_cluster_directory_starts_again_with_its_counters_and_epochs(tmp_path: Path) -> None:
+    """`cluster up` after `cluster down` in the same --dir: etcd comes back
+    on the ports its data was saved with (claims' epochs keep growing, so
+    the store does not fence the new nodes), the counters are all there."""
+    import urllib.request
+
+    d = str(tmp_path / "c")
+
+    def status() -> dict[str, Any]:
+        out = keepcount("cluster", "status", "--dir", d, "--json")
+        assert out.returncode == 0, out.stderr
+        return dict(json.loads(out.stdout))
+
+    def post(url: str) -> None:
+        req = urllib.request.Request(
+            f"{url}/v1/counters/again_total/increment", data=b"{}", method="POST",
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+
+    epochs: list[dict[str, int]] = []
+    for run in range(2):
+        up = keepcount("cluster", "up", "--nodes", "2", "--dir", d, "--port", "0")
+        try:
+            assert up.returncode == 0, f"run {run}: {up.stdout}{up.stderr}"
+            doc = status()
+            epochs.append({n["id"]: n["epoch"] for n in doc["nodes"]})
+            for _ in range(3):
+                post(doc["lb"]["url"])
+            with urllib.request.urlopen(
+                f"{doc['lb']['url']}/v1/cluster/counters/again_total", timeout=10
+            ) as resp:
+                total = json.loads(resp.read())["counters"][0]["value"]
+            assert total == 3 * (run + 1), f"run {run}: the counters of the first run are kept"
+        finally:
+            down = keepcount("cluster", "down", "--dir", d)
+            assert down.returncode == 0, down.stderr
+    assert min(epochs[1].values()) > max(epochs[0].values()), epochs

@@ -58,9 +58,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
-from keepcount.cluster.processes import ServerProcess, process_state
+from keepcount.cluster.processes import (
+    ServerProcess,
+    check_ports_free,
+    process_state,
+    saved_identity,
+)
 from keepcount.nodeproc import free_port
 
 __all__ = [
@@ -483,6 +488,10 @@ class CassandraNode(ServerProcess):
 # -- the cluster ----------------------------------------------------------------
 
 
+IDENTITY_FILE = "keepcount-cassandra.json"
+"""In a local cluster's directory: its name, size and ports."""
+
+
 def _free_port_on(hosts: Sequence[str], avoid: set[int]) -> int:
     """A TCP port nothing listens on at any of ``hosts`` right now."""
     for _ in range(100):
@@ -535,13 +544,45 @@ class CassandraCluster:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         hosts = [f"127.0.0.{i + 1}" for i in range(nodes)]
-        if ports is None:
-            native = _free_port_on(hosts, set())
-            ports = (native, _free_port_on(hosts, {native}))
-        self.port, self.storage_port = ports
+
+        def fresh() -> dict[str, Any]:
+            native, storage = ports or (0, 0)
+            if ports is None:
+                native = _free_port_on(hosts, set())
+                storage = _free_port_on(hosts, {native})
+            return {
+                "cluster_name": cluster_name or f"keepcount-{os.getpid()}-{native}",
+                "nodes": nodes,
+                "native_port": native,
+                "storage_port": storage,
+            }
+
+        # A data directory belongs to one cluster: Cassandra refuses data
+        # saved under another cluster name, and its peers are known by port.
+        identity = self.directory / IDENTITY_FILE
+        existed = identity.exists()
+        saved = saved_identity(identity, ("cluster_name", "nodes", "native_port", "storage_port"),
+                               fresh)  # fmt: skip
+        asked = {"nodes": nodes, "cluster_name": cluster_name}
+        if ports is not None:
+            asked.update(native_port=ports[0], storage_port=ports[1])
+        for key, value in asked.items():
+            if value is not None and saved[key] != value:
+                raise ValueError(
+                    f"{self.directory} holds a Cassandra cluster with {key} {saved[key]!r}, "
+                    f"not {value!r}: use another directory"
+                )
+        self.port, self.storage_port = saved["native_port"], saved["storage_port"]
+        cluster_name = saved["cluster_name"]
+        if existed:
+            check_ports_free(
+                [(h, p) for h in hosts for p in (self.port, self.storage_port)], self.directory
+            )
         jmx_ports: list[int] = []
         for _ in hosts:
-            jmx_ports.append(_free_port_on(["127.0.0.1"], {*ports, *jmx_ports}))
+            jmx_ports.append(
+                _free_port_on(["127.0.0.1"], {self.port, self.storage_port, *jmx_ports})
+            )
         step = 2**64 // nodes
         self.nodes = [
             CassandraNode(
@@ -550,7 +591,7 @@ class CassandraCluster:
             for i, host in enumerate(hosts)
         ]
         self.settings = _Settings(
-            cluster_name=cluster_name or f"keepcount-{os.getpid()}-{self.port}",
+            cluster_name=cluster_name,
             seeds=",".join(f"{h}:{self.storage_port}" for h in hosts),
             native_port=self.port,
             storage_port=self.storage_port,

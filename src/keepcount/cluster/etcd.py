@@ -32,11 +32,15 @@ import signal
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-from keepcount.cluster.processes import ServerProcess
+from keepcount.cluster.processes import ServerProcess, check_ports_free, saved_identity
 from keepcount.nodeproc import free_port
 
 __all__ = ["INSTALL_HINT", "EtcdCluster", "EtcdMember", "etcd_binary"]
+
+IDENTITY_FILE = "keepcount-etcd.json"
+"""In a cluster's directory: its size, ports and token (see ``saved_identity``)."""
 
 INSTALL_HINT = "apt-get install -y etcd-server etcd-client"
 
@@ -159,14 +163,38 @@ class EtcdCluster:
     ) -> None:
         if members < 1:
             raise ValueError("an etcd cluster needs at least one member")
-        if ports is None:
-            ports = [(free_port(host), free_port(host)) for _ in range(members)]
-        if len(ports) != members:
+        if ports is not None and len(ports) != members:
             raise ValueError(f"{members} members need {members} (client, peer) port pairs")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.host = host
-        self.token = token or f"keepcount-{os.getpid()}-{ports[0][0]}"
+
+        def fresh() -> dict[str, Any]:
+            pairs = ports or [(free_port(host), free_port(host)) for _ in range(members)]
+            return {
+                "members": members,
+                "ports": [list(p) for p in pairs],
+                "token": token or f"keepcount-{os.getpid()}-{pairs[0][0]}",
+            }
+
+        # Members find each other by the peer URLs their data was saved with:
+        # the same directory starts again only on the same ports.
+        identity = self.directory / IDENTITY_FILE
+        existed = identity.exists()
+        saved = saved_identity(identity, ("members", "ports", "token"), fresh)
+        asked: dict[str, Any] = {"members": members, "token": token}
+        if ports is not None:
+            asked["ports"] = [list(p) for p in ports]
+        for key, value in asked.items():
+            if value is not None and saved[key] != value:
+                raise ValueError(
+                    f"{self.directory} holds an etcd cluster with {key} {saved[key]!r}, "
+                    f"not {value!r}: use another directory"
+                )
+        ports = [(int(c), int(p)) for c, p in saved["ports"]]
+        if existed:
+            check_ports_free([(host, p) for pair in ports for p in pair], self.directory)
+        self.token = saved["token"]
         self.members = [
             EtcdMember(f"n{i}", self.directory, host, client, peer)
             for i, (client, peer) in enumerate(ports)

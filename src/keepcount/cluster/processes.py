@@ -8,14 +8,17 @@ and fault verbs that return only once the kernel shows their effect.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ServerProcess", "process_state"]
+__all__ = ["ServerProcess", "check_ports_free", "process_state", "saved_identity"]
 
 
 def process_state(pid: int) -> str | None:
@@ -27,6 +30,52 @@ def process_state(pid: int) -> str | None:
         return None
     # The command name (field 2) is in parentheses and may contain spaces.
     return stat.rsplit(")", 1)[1].split()[0]
+
+
+def saved_identity(
+    path: Path, keys: Iterable[str], fresh: Callable[[], Mapping[str, Any]]
+) -> dict[str, Any]:
+    """What a server's data directory was made with (its name, ports): read
+    from ``path`` if it is there, else ``fresh()``, written to ``path``.
+
+    A data directory belongs to one cluster: etcd finds its peers by the URLs
+    its data was saved with, Cassandra refuses data saved under another
+    cluster name.  Keeping them lets ``keepcount cluster up`` start the same
+    directory again after ``down``, with its claims' epochs and its counters.
+    Raises ``ValueError`` naming the file if it is unreadable."""
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        doc = dict(fresh())
+        path.write_text(json.dumps(doc) + "\n")
+        return doc
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc}): remove the directory") from None
+    if not isinstance(doc, dict) or not set(keys) <= doc.keys():
+        raise ValueError(f"{path} is not what keepcount wrote: remove the directory")
+    return doc
+
+
+def check_ports_free(endpoints: Iterable[tuple[str, int]], owner: Path, wait: float = 15.0) -> None:
+    """Raise ``OSError``, naming the port, if another process listens on one
+    of ``endpoints`` (the ports the data in ``owner`` was saved with) after
+    ``wait`` seconds: a cluster just stopped may still be closing.
+    Connections in TIME_WAIT do not count (servers bind with SO_REUSEADDR)."""
+    deadline = time.monotonic() + wait
+    for host, port in endpoints:
+        while True:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((host, port))
+                    break
+                except OSError as exc:
+                    if time.monotonic() > deadline:
+                        raise OSError(
+                            f"port {port} on {host}, which the data in {owner} was saved "
+                            f"with, is in use ({exc}): is that cluster already running?"
+                        ) from None
+            time.sleep(0.2)  # poll interval
 
 
 class ServerProcess:
