@@ -287,7 +287,6 @@ class Node:
         # The live page (GET /ui): this node's uptime, its state changes, one store read at a time.
         self._ui_started = time.monotonic()
         self._ui_transitions = Transitions()
-        self._ui_transitions.observe(config.node, "restoring", time.time())
         self._ui_read = TimedCache(_UI_READ_EVERY)
 
     # -- lifecycle ---------------------------------------------------------------
@@ -337,6 +336,7 @@ class Node:
     async def _open(self) -> None:
         cfg = self.config
         self.restoring_since = time.time()
+        self._ui_transitions.observe(cfg.node, "restoring", self.restoring_since)
         deadline = time.monotonic() + cfg.claim_timeout
         delay = _CLAIM_BACKOFF[0]
         epoch: int | None = None
@@ -380,6 +380,7 @@ class Node:
             self.ready_at = time.time()
             if self._stopping:
                 return
+            self.ui_observe()  # the moment it turned ready, for the live page
             if self.on_ready is not None:
                 self.on_ready(self)
             await self._watch()
@@ -419,6 +420,7 @@ class Node:
     def _fail(self, message: str) -> None:
         self.fatal = message
         log.error("node %s: cannot serve: %s", self.config.node, message)
+        self.ui_observe()
         if self.on_fatal is not None:
             self.on_fatal(message)
 
@@ -878,17 +880,7 @@ def create_app(
     docstring).
     """
 
-    def ready(ready_node: Node) -> None:
-        ready_node.ui_observe()  # the moment it turned ready, for the live page
-        if on_ready is not None:
-            on_ready(ready_node)
-
-    def fatal(message: str) -> None:
-        node.ui_observe()
-        if on_fatal is not None:
-            on_fatal(message)
-
-    node = Node(config, on_ready=ready, on_fatal=fatal)
+    node = Node(config, on_ready=on_ready, on_fatal=on_fatal)
     api = [
         Route("/v1/counters/{name}/increment", _ASGIEndpoint(node.increment), methods=["POST"]),
         Route("/v1/counters", node.counters, methods=["GET"]),

@@ -546,10 +546,11 @@ class CassandraCluster:
         hosts = [f"127.0.0.{i + 1}" for i in range(nodes)]
 
         def fresh() -> dict[str, Any]:
-            native, storage = ports or (0, 0)
             if ports is None:
                 native = _free_port_on(hosts, set())
                 storage = _free_port_on(hosts, {native})
+            else:
+                native, storage = ports
             return {
                 "cluster_name": cluster_name or f"keepcount-{os.getpid()}-{native}",
                 "nodes": nodes,
@@ -561,17 +562,13 @@ class CassandraCluster:
         # saved under another cluster name, and its peers are known by port.
         identity = self.directory / IDENTITY_FILE
         existed = identity.exists()
-        saved = saved_identity(identity, ("cluster_name", "nodes", "native_port", "storage_port"),
-                               fresh)  # fmt: skip
-        asked = {"nodes": nodes, "cluster_name": cluster_name}
-        if ports is not None:
-            asked.update(native_port=ports[0], storage_port=ports[1])
-        for key, value in asked.items():
-            if value is not None and saved[key] != value:
-                raise ValueError(
-                    f"{self.directory} holds a Cassandra cluster with {key} {saved[key]!r}, "
-                    f"not {value!r}: use another directory"
-                )
+        asked = {
+            "cluster_name": cluster_name,
+            "nodes": nodes,
+            "native_port": ports[0] if ports else None,
+            "storage_port": ports[1] if ports else None,
+        }
+        saved = saved_identity(identity, "a Cassandra cluster", asked, fresh)
         self.port, self.storage_port = saved["native_port"], saved["storage_port"]
         cluster_name = saved["cluster_name"]
         if existed:

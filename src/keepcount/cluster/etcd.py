@@ -181,16 +181,12 @@ class EtcdCluster:
         # the same directory starts again only on the same ports.
         identity = self.directory / IDENTITY_FILE
         existed = identity.exists()
-        saved = saved_identity(identity, ("members", "ports", "token"), fresh)
-        asked: dict[str, Any] = {"members": members, "token": token}
-        if ports is not None:
-            asked["ports"] = [list(p) for p in ports]
-        for key, value in asked.items():
-            if value is not None and saved[key] != value:
-                raise ValueError(
-                    f"{self.directory} holds an etcd cluster with {key} {saved[key]!r}, "
-                    f"not {value!r}: use another directory"
-                )
+        asked = {
+            "members": members,
+            "ports": [list(p) for p in ports] if ports else None,
+            "token": token,
+        }
+        saved = saved_identity(identity, "an etcd cluster", asked, fresh)
         ports = [(int(c), int(p)) for c, p in saved["ports"]]
         if existed:
             check_ports_free([(host, p) for pair in ports for p in pair], self.directory)

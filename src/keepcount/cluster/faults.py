@@ -21,7 +21,7 @@ from keepcount.cluster.spec import slot_name
 if TYPE_CHECKING:
     from keepcount.cluster.supervisor import Incarnation, NodeState, Supervisor
 
-__all__ = ["Fault", "FaultError", "kill", "pause", "until"]
+__all__ = ["Fault", "FaultError", "kill", "partition", "pause", "until"]
 
 RECOVER_TIMEOUT = 60.0
 
@@ -33,7 +33,8 @@ class FaultError(Exception):
 @dataclass
 class Fault:
     kind: str
-    """``kill`` (SIGKILL) or ``pause`` (SIGSTOP past the claim TTL, then SIGCONT)."""
+    """``kill`` (SIGKILL), ``pause`` (SIGSTOP past the claim TTL, then SIGCONT)
+    or ``partition`` (cut off the network, see ``partition()``)."""
     node: str
     t0: float = 0.0
     """time.time() of the signal."""
@@ -44,7 +45,8 @@ class Fault:
     ready: float | None = None
     """Seconds until the node's new incarnation was ready."""
     zombie_exit: int | None = None
-    """pause: the exit status of the old process once continued (3: lost its claim)."""
+    """pause, partition: the exit status of the old process once continued or
+    healed (3: lost its claim)."""
     end: float = 0.0
     """time.time() once the fault was over (the node ready again)."""
 
@@ -119,6 +121,51 @@ async def pause(
     with contextlib.suppress(FaultError):
         await until(lambda: old.exit_code is not None, sup_task, 30, "the old process stopped")
     fault.zombie_exit = old.exit_code
+    return fault
+
+
+async def partition(
+    sup: Supervisor,
+    node: str,
+    mode: str,
+    hold: float,
+    sup_task: asyncio.Task[None] | None = None,
+) -> Fault:
+    """Cut ``node``'s process off the network (``Supervisor.partitions``, in a
+    mode of ``keepcount.cluster.partition.MODES``), then heal.
+
+    ``store`` holds ``hold`` seconds; ``isolate`` and ``coordinator`` hold
+    until the supervisor replaced the node (its claim lapsed), then heal and
+    wait for the old process to find its claim lost and stop by itself."""
+    from keepcount.cluster.partition import endpoints_of
+
+    fault = Fault("partition", node)
+    ns = sup.nodes[node]
+    old = ns.current
+    if old is None:
+        raise FaultError(f"{node} has no process to partition")
+    before, slot = ns.incarnations, slot_name(node, old.slot)
+    fault.t0, t0 = time.time(), time.monotonic()
+    sup.partitions.cut(
+        slot, mode, coordinator=endpoints_of(sup.coordinator_url),
+        store=endpoints_of(sup.store_url), port=ns.spec.ports[old.slot],
+    )  # fmt: skip
+    try:
+        if mode == "store":
+            await asyncio.sleep(hold)
+        else:
+            lapsed = lambda: old in ns.stale or old.exit_code is not None  # noqa: E731
+            await until(lapsed, sup_task, RECOVER_TIMEOUT, f"{node}'s claim did not lapse")
+            fault.detected = round(time.monotonic() - t0, 3)
+            await until(_back(ns, before), sup_task, RECOVER_TIMEOUT, f"{node} was not replaced")
+            fault.ready = round(time.monotonic() - t0, 3)
+    finally:
+        sup.partitions.heal()
+    fault.end = time.time()
+    if mode != "store":
+        with contextlib.suppress(FaultError):
+            await until(lambda: old.exit_code is not None, sup_task, 30, "the old process stopped")
+        fault.zombie_exit = old.exit_code
     return fault
 
 

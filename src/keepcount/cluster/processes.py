@@ -33,10 +33,12 @@ def process_state(pid: int) -> str | None:
 
 
 def saved_identity(
-    path: Path, keys: Iterable[str], fresh: Callable[[], Mapping[str, Any]]
+    path: Path, what: str, asked: Mapping[str, Any], fresh: Callable[[], Mapping[str, Any]]
 ) -> dict[str, Any]:
     """What a server's data directory was made with (its name, ports): read
     from ``path`` if it is there, else ``fresh()``, written to ``path``.
+    ``asked`` holds every key, with the value the caller asks for (None:
+    any); a saved value that differs is refused (``what`` names the server).
 
     A data directory belongs to one cluster: etcd finds its peers by the URLs
     its data was saved with, Cassandra refuses data saved under another
@@ -51,8 +53,14 @@ def saved_identity(
         return doc
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path} is unreadable ({exc}): remove the directory") from None
-    if not isinstance(doc, dict) or not set(keys) <= doc.keys():
+    if not isinstance(doc, dict) or not asked.keys() <= doc.keys():
         raise ValueError(f"{path} is not what keepcount wrote: remove the directory")
+    for key, value in asked.items():
+        if value is not None and doc[key] != value:
+            raise ValueError(
+                f"{path.parent} holds {what} with {key} {doc[key]!r}, not {value!r}: "
+                "use another directory"
+            )
     return doc
 
 

@@ -294,33 +294,41 @@ class TimedCache:
         return value
 
 
-def _counter(
-    name: str, help: str, labels: Mapping[str, str], value: int, nodes: Mapping[str, int]
-) -> dict[str, Any]:
-    return {
-        "name": name,
-        "help": help,
-        "labels": dict(labels),
-        "value": value,
-        "nodes": dict(sorted(nodes.items())),
-    }
+def _entries(
+    rows: Iterable[tuple[str, Any, str, Mapping[str, str], Any, Mapping[str, Any]]],
+) -> tuple[list[dict[str, Any]], int]:
+    """The page's entries of ``(kind, name, help, labels, value, nodes)``
+    rows: counters with an integer value, at most ``MAX_SERIES``; and how
+    many were left out."""
+    out: list[dict[str, Any]] = []
+    left = 0
+    for kind, name, text, labels, value, nodes in rows:
+        if kind != "counter" or not isinstance(value, int):
+            continue
+        if len(out) >= MAX_SERIES:
+            left += 1
+            continue
+        parts = {k: v for k, v in nodes.items() if isinstance(v, int)}
+        out.append(
+            {
+                "name": str(name),
+                "help": str(text),
+                "labels": dict(labels),
+                "value": value,
+                "nodes": dict(sorted(parts.items())),
+            }
+        )
+    return out, left
 
 
 def cluster_counters(items: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     """The counters of a ``GET /v1/cluster/counters`` answer (its ``counters``
     list) as the page's entries, and how many series were left out."""
-    out: list[dict[str, Any]] = []
-    left = 0
-    for item in items:
-        if item.get("kind", "counter") != "counter" or not isinstance(item.get("value"), int):
-            continue
-        if len(out) >= MAX_SERIES:
-            left += 1
-            continue
-        nodes = {k: v for k, v in item.get("nodes", {}).items() if isinstance(v, int)}
-        name, text = str(item["name"]), str(item.get("help", ""))
-        out.append(_counter(name, text, item.get("labels", {}), item["value"], nodes))
-    return out, left
+    return _entries(
+        (i.get("kind", "counter"), i["name"], i.get("help", ""), i.get("labels", {}),
+         i.get("value"), i.get("nodes", {}))
+        for i in items
+    )  # fmt: skip
 
 
 def series_counters(
@@ -329,17 +337,9 @@ def series_counters(
     """The counters among ``totals`` (``Registry.cluster()``) as the page's
     entries, with each name's help text from ``helps``; and how many series
     were left out."""
-    out: list[dict[str, Any]] = []
-    left = 0
-    for t in totals:
-        if t.kind != "counter" or not isinstance(t.value, int):
-            continue
-        if len(out) >= MAX_SERIES:
-            left += 1
-            continue
-        nodes = {k: v for k, v in t.nodes.items() if isinstance(v, int)}
-        out.append(_counter(t.name, helps.get(t.name, ""), t.labels, t.value, nodes))
-    return out, left
+    return _entries(
+        (t.kind, t.name, helps.get(t.name, ""), t.labels, t.value, t.nodes) for t in totals
+    )
 
 
 def _event(ev: Mapping[str, Any]) -> dict[str, Any]:

@@ -26,16 +26,14 @@ One fault at a time, then ``quiet`` seconds without any; each fault's window
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from keepcount.cluster import partition
-from keepcount.cluster.faults import RECOVER_TIMEOUT, FaultError, kill, pause, until
-from keepcount.cluster.partition import endpoints_of
+from keepcount.cluster.faults import kill, partition, pause
+from keepcount.cluster.partition import endpoints_of, unavailable
 from keepcount.cluster.spec import slot_name
 from keepcount.verify.checker import Fault
 
@@ -68,7 +66,7 @@ class Nemesis:
                 "the store is not a local Cassandra cluster (run with --store cassandra)"
             )
         if "partition" in self.kinds and self.sup.partitions is None:
-            self.unavailable["partition"] = partition.unavailable() or (
+            self.unavailable["partition"] = unavailable() or (
                 "the cluster was started without partitions (Supervisor.partitions)"
             )
 
@@ -101,60 +99,40 @@ class Nemesis:
             self.log(f"nemesis: SIGSTOP {target} past its claim's TTL, then SIGCONT")
             await pause(sup, target)
         elif kind == "store":
-            servers = sup.store_servers
-            i = rnd.randrange(len(servers.nodes))
+            i = rnd.randrange(len(sup.store_servers.nodes))
             target = f"cassandra-{i}"
-            self.log(f"nemesis: SIGKILL Cassandra node {i} for {self.hold:g} s")
-            await asyncio.to_thread(servers.kill, i)
-            await asyncio.sleep(self.hold)
-            await asyncio.to_thread(servers.restart, i)
+            await self._kill_server(sup.store_servers, i, f"Cassandra node {i}")
         elif kind == "partition":
             target = await self._partition(rnd)
         else:  # coordinator
-            servers = sup.servers
-            i = rnd.randrange(len(servers.members))
+            i = rnd.randrange(len(sup.servers.members))
             target = f"{sup.spec.coordinator}-{i}"
-            self.log(f"nemesis: SIGKILL {sup.spec.coordinator} member {i} for {self.hold:g} s")
-            await asyncio.to_thread(servers.kill, i)
-            await asyncio.sleep(self.hold)
-            await asyncio.to_thread(servers.restart, i)
+            await self._kill_server(sup.servers, i, f"{sup.spec.coordinator} member {i}")
             await _until_ready(sup, 60)
         self.faults.append(Fault(kind, target, start, self.clock()))
 
     async def _partition(self, rnd: random.Random) -> str:
         sup = self.sup
-        parts = sup.partitions
-        store = endpoints_of(sup.store_url)
-        mode = rnd.choice(["isolate", "coordinator", *(["store"] if store else [])])
+        modes = ["isolate", "coordinator", *(["store"] if endpoints_of(sup.store_url) else [])]
+        mode = rnd.choice(modes)
         node = rnd.choice(sorted(sup.nodes))
-        ns = sup.nodes[node]
         await _until_ready(sup, 60)
-        old = ns.current
-        assert old is not None
-        slot = slot_name(node, old.slot)
+        ns = sup.nodes[node]
+        assert ns.current is not None
+        slot = slot_name(node, ns.current.slot)
         self.log(f"nemesis: partition {slot} ({mode})")
-        parts.cut(
-            slot, mode, coordinator=endpoints_of(sup.coordinator_url), store=store,
-            port=ns.spec.ports[old.slot],
-        )  # fmt: skip
-        try:
-            if mode == "store":
-                await asyncio.sleep(self.hold)
-            else:  # until the id is served again, by a new incarnation
-                await until(lambda: old in ns.stale or old.exit_code is not None, None,
-                            RECOVER_TIMEOUT, f"{node}'s claim did not lapse")  # fmt: skip
-                await until(lambda: ns.current is not old and ns.current is not None
-                            and ns.current.ready, None, RECOVER_TIMEOUT,
-                            f"{node} was not replaced")  # fmt: skip
-        finally:
-            parts.heal()
-        if mode != "store":  # back on the network, it must find its claim lost and stop
-            with contextlib.suppress(FaultError):
-                await until(lambda: old.exit_code is not None, None, 30, "the old process stops")
-            if old.exit_code is None:
-                self.log(f"nemesis: the partitioned {slot} did not stop within 30 s of healing")
+        fault = await partition(sup, node, mode, self.hold)
+        if mode != "store" and fault.zombie_exit is None:
+            self.log(f"nemesis: the partitioned {slot} did not stop within 30 s of healing")
         await _until_ready(sup, 60)
         return f"{node} ({slot}, {mode})"
+
+    async def _kill_server(self, servers: Any, i: int, what: str) -> None:
+        """SIGKILL server ``i`` of ``servers``, ``hold`` seconds, restart it."""
+        self.log(f"nemesis: SIGKILL {what} for {self.hold:g} s")
+        await asyncio.to_thread(servers.kill, i)
+        await asyncio.sleep(self.hold)
+        await asyncio.to_thread(servers.restart, i)
 
     async def heal(self) -> None:
         """Every fault undone: nodes ready (the supervisor restarts them)."""
