@@ -16,9 +16,11 @@ cd "$(dirname "$0")/.."
 # and npm: the live page's browser test (tests/browser drives Debian's
 # Chromium with playwright-core; no browser is downloaded).  nftables: the
 # network partitions of `keepcount verify` (rules on loopback, per cgroup).
+# prometheus: only for its promtool, which the tests run (`promtool check
+# metrics`) on every /metrics keepcount serves; its service is never started.
 APT_PACKAGES=(python3 python3-venv python3-pip redis-server redis-tools wrk
               etcd-server etcd-client haproxy nginx zookeeper maven
-              chromium chromium-driver nodejs npm nftables)
+              chromium chromium-driver nodejs npm nftables prometheus)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"
@@ -46,6 +48,7 @@ for pkg in "${APT_PACKAGES[@]}"; do
     nodejs) command -v node >/dev/null 2>&1 || missing+=("$pkg") ;;
     npm) command -v npm >/dev/null 2>&1 || missing+=("$pkg") ;;
     nftables) command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=("$pkg") ;;
+    prometheus) command -v promtool >/dev/null 2>&1 || missing+=("$pkg") ;;
   esac
 done
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -63,12 +63,14 @@ response's headers.  A streaming body's later chunks are not included.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from keepcount.errors import KeepcountError
+from keepcount.hostmetrics import HostView
 from keepcount.httpmetrics import (
     DEFAULT_MAX_PENDING,
     UNMATCHED,
@@ -80,7 +82,7 @@ from keepcount.httpmetrics import (
 from keepcount.metrics import DEFAULT_BUCKETS
 from keepcount.registry import Registry
 
-__all__ = ["ASGIApp", "KeepcountMiddleware", "Message", "Receive", "Scope", "Send"]
+__all__ = ["ASGIApp", "KeepcountMiddleware", "Message", "Receive", "Scope", "Send", "make_asgi_app"]
 
 logger = logging.getLogger("keepcount.http")
 
@@ -274,3 +276,38 @@ class _Exchange:
         if not self.counted:
             logger.warning("keepcount: ASGI app returned without starting a response")
             await self._count(500)
+
+
+def make_asgi_app(registry: Registry, *, per_worker: bool = False) -> ASGIApp:
+    """An ASGI app serving the host's ``/metrics`` (``keepcount.hostmetrics``).
+
+    Like prometheus_client's ``make_asgi_app``: mount it at ``/metrics``
+    (Starlette / FastAPI: ``app.mount("/metrics", make_asgi_app(registry))``).
+    Whichever worker answers, it shows every slot of the host summed, from
+    durable values; the store is read in a thread, never on the event loop.
+    A store that cannot be read gets ``503`` with a JSON error body.
+    """
+    view = HostView(registry, per_worker=per_worker)
+
+    async def metrics_app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        accept = None
+        for name, value in scope.get("headers", ()):
+            if name == b"accept":
+                accept = value.decode("latin-1")
+        try:
+            body, content_type = await asyncio.to_thread(view.render, accept)
+            status = 200
+        except KeepcountError as exc:
+            logger.warning("keepcount: /metrics cannot read the store: %s", exc)
+            body, content_type, status = error_body(exc), "application/json", 503
+        headers = [
+            (b"content-type", content_type.encode()),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return metrics_app

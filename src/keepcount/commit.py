@@ -90,6 +90,7 @@ DEFAULT_IDEMPOTENCY_TTL = 86_400.0
 EXPIRE_EVERY = 60.0
 """Seconds between sweeps of expired idempotency keys by the flusher."""
 
+BindFn = Callable[[], "KeepcountError | None"]
 WriteFn = Callable[[Sequence[FamilyDef], Sequence[SeriesRow], Sequence[KeyRecord]], None]
 LookupFn = Callable[[str], KeyRecord | None]
 ExpireFn = Callable[[float], int]
@@ -202,17 +203,29 @@ class GroupCommit:
         expire: ExpireFn | None = None,
         interval: float | None = DEFAULT_FLUSH_INTERVAL,
         name: str = "keepcount-flusher",
+        bind: BindFn | None = None,
+        dirty: list[Any] | None = None,
+        meta_dirty: list[Any] | None = None,
     ) -> None:
         if interval is not None and not interval > 0:
             raise ValueError("flush_interval must be positive or None")
-        self.dirty: list[Any] = []
-        self.meta_dirty: list[Any] = []
+        # A successor (after a fork) takes over its predecessor's lists: the
+        # children hold their bound ``append``.
+        self.dirty: list[Any] = [] if dirty is None else dirty
+        self.meta_dirty: list[Any] = [] if meta_dirty is None else meta_dirty
         self.keyed: dict[str, Keyed] = {}
         """Keyed deltas queued or in flight, by key."""
         self.flushes = 0
+        self.counted = False
+        """True once a flush wrote values or keys (not only definitions)."""
+        self.bind = bind
+        """Called (no lock held) before a flush while ``unbound``; returns
+        the error that fails the flush, or None once bound."""
+        self.unbound = False
+        """The registry holds no slot yet: the next flush binds it first."""
         self._queued: list[Keyed] = []  # keyed deltas for the next flush
         self._replies: dict[asyncio.AbstractEventLoop, list[tuple[Any, KeyedOutcome]]] = {}
-        self._node = node
+        self.node = node
         self._lock = lock
         self._cv = threading.Condition(lock)
         self._write = write
@@ -275,7 +288,7 @@ class GroupCommit:
             batch = self._join()
             if batch is None:
                 return
-            if batch is self._next and self._inflight is None:
+            if batch is self._next and self._inflight is None and not self.unbound:
                 # Lead: with no flush in flight, write in this thread rather
                 # than hand over to the flusher and back (two thread wake-ups,
                 # about as long as the write itself on SQLite).
@@ -335,9 +348,23 @@ class GroupCommit:
                 if not self._pending():
                     continue
                 closing = self._closing
-                batch = self._next
-                taken = self._start()
-            error = self._flush(taken)
+                unbound = self.unbound and self.bind is not None
+                if not unbound:
+                    batch = self._next
+                    taken = self._start()
+            error = None
+            if unbound:
+                # commit_sync() never leads while unbound, so no flush can
+                # start before the flag is cleared here, with the start.
+                assert self.bind is not None
+                error = self.bind()
+                with self._lock:
+                    if error is None:
+                        self.unbound = False
+                    batch = self._next
+                    taken = self._start()
+            if error is None:
+                error = self._flush(taken)
             with self._lock:
                 self._finish(batch, taken, error)
                 if closing and error is not None:
@@ -395,7 +422,7 @@ class GroupCommit:
         f.rows = rows
         f.states = states
         f.records = [
-            KeyRecord(k.key, self._node, k.fingerprint, self._result(k, v), k.token, k.expires)
+            KeyRecord(k.key, self.node, k.fingerprint, self._result(k, v), k.token, k.expires)
             for k, v in zip(keyed, values, strict=True)
         ]
 
@@ -403,7 +430,7 @@ class GroupCommit:
         child = k.child
         labels = dict(zip(child.family.labelnames, child.labelvalues, strict=True))
         return _encode(
-            {"node": self._node, "name": child.family.name, "labels": labels, "value": value}
+            {"node": self.node, "name": child.family.name, "labels": labels, "value": value}
         )
 
     def _finish(self, batch: _Batch, f: _Flush, error: KeepcountError | None) -> None:
@@ -411,6 +438,8 @@ class GroupCommit:
         self._inflight = None
         if error is None:
             self.flushes += 1
+            if f.rows or f.records:
+                self.counted = True
             for child, state in f.states:  # what the store now holds for sure
                 child._durable = state
             for k, value, record in zip(f.keyed, f.values, f.records, strict=True):

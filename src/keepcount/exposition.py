@@ -30,12 +30,20 @@ What is exposed:
   no code has touched since the restart.  ``_created`` is the series' first
   write, kept by the store: the same before and after a restart, so
   Prometheus sees one continuous series, never a reset.
+- **A HELP line for every family**: a family declared without a help text
+  (``help=""``, or restored from a store that kept none) is exposed with
+  ``missing_help(kind)``, since Prometheus' linter (``promtool check
+  metrics``) flags a family without one.
 - **Node gauges** (``keepcount_*``, after the durable families, off with
   ``node_metrics=False``): facts about *this process*, not stored and not
   summed over nodes.  They are gauges, not counters, because keepcount's
   counters promise never to go backwards across a restart and these do
   start again: ``keepcount_process_flushes`` counts the store writes of this
-  process only and is 0 after each restart.
+  process only and is 0 after each restart.  The node id is the gauge
+  ``keepcount_node_info{node="..."} 1`` in both formats (the usual
+  ``*_info`` gauge), not an OpenMetrics ``info`` family: parsers of the
+  Prometheus text format, ``promtool check metrics`` among them, refuse an
+  exposition that holds the type ``info``.
 
 Invariants:
 
@@ -68,7 +76,6 @@ from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
-    InfoMetricFamily,
     Metric,
 )
 from prometheus_client.openmetrics import exposition as openmetrics
@@ -84,13 +91,14 @@ __all__ = [
     "KeepcountCollector",
     "collector_registry",
     "exposed_names",
+    "missing_help",
     "render",
 ]
 
 log = logging.getLogger(__name__)
 
 NODE_METRIC_NAMES: tuple[str, ...] = (
-    "keepcount_node",  # info: exposed as keepcount_node_info{node="..."} 1
+    "keepcount_node_info",  # a gauge: keepcount_node_info{node="..."} 1
     "keepcount_epoch",
     "keepcount_restored_series",
     "keepcount_restore_seconds",
@@ -99,6 +107,11 @@ NODE_METRIC_NAMES: tuple[str, ...] = (
     "keepcount_series",
 )
 """Family names of the node gauges; a user family of a clashing name wins."""
+
+
+def missing_help(kind: str) -> str:
+    """The HELP text exposed for a family of ``kind`` declared without one."""
+    return f"A keepcount {kind} declared without a help text."
 
 
 def exposed_names(kind: str, name: str) -> frozenset[str]:
@@ -197,8 +210,7 @@ class KeepcountCollector:
                 yield _histogram(family)
         if self.node_metrics:
             for metric in _node_metrics(registry, families):
-                kind = "info" if isinstance(metric, InfoMetricFamily) else "gauge"
-                names = exposed_names(kind, metric.name)
+                names = exposed_names(metric.type, metric.name)
                 if not self._clashes(metric.name, names, claimed):
                     claimed |= names
                     yield metric
@@ -223,14 +235,16 @@ class KeepcountCollector:
 def _counter(family: MetricFamily[Any]) -> CounterMetricFamily:
     # CounterMetricFamily drops a trailing "_total" from the family name and
     # adds it back to the sample: "x_total" is exposed as "x_total".
-    metric = CounterMetricFamily(family.name, family.help, labels=family.labelnames)
+    help_ = family.help or missing_help("counter")
+    metric = CounterMetricFamily(family.name, help_, labels=family.labelnames)
     for labels, value, created in sorted(family.series(), key=_by_labels):
         metric.add_metric(labels, value, created=created)
     return metric
 
 
 def _histogram(family: MetricFamily[Any]) -> _HistogramFamily:
-    metric = _HistogramFamily(family.name, family.help, labels=family.labelnames)
+    help_ = family.help or missing_help("histogram")
+    metric = _HistogramFamily(family.name, help_, labels=family.labelnames)
     # "le" exactly as prometheus_client's own Histogram writes it.
     bounds = [floatToGoString(b) for b in family.definition.buckets]  # type: ignore[no-untyped-call]
     for labels, value, created in sorted(family.series(), key=_by_labels):
@@ -244,11 +258,13 @@ def _by_labels(series: tuple[tuple[str, ...], Any, float | None]) -> tuple[str, 
 
 def _node_metrics(registry: Registry, families: list[MetricFamily[Any]]) -> Iterator[Metric]:
     note = " Process-local: not stored, not summed over nodes."
-    yield InfoMetricFamily(
-        "keepcount_node",
-        "The keepcount node id this process serves." + note,
-        {"node": registry.node},
+    node = GaugeMetricFamily(
+        "keepcount_node_info",
+        "The keepcount node id this process serves (always 1)." + note,
+        labels=["node"],
     )
+    node.add_metric([registry.node], 1)
+    yield node
     yield GaugeMetricFamily(
         "keepcount_epoch",
         "Claim epoch of this incarnation of the node id; higher after every restart." + note,

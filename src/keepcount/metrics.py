@@ -165,6 +165,15 @@ class CounterChild:
     def _state(self) -> SeriesValue:
         return self._value
 
+    def _zero(self) -> None:
+        self._value = 0
+        self._durable = 0
+        self.created = None
+
+    def _add(self, stored: int, raw: SeriesValue) -> None:
+        self._value += stored
+        self._durable = raw
+
     def __repr__(self) -> str:
         return f"<CounterChild {self.family.name}{self.labelvalues!r} = {self._value}>"
 
@@ -280,6 +289,18 @@ class HistogramChild:
     def _state(self) -> SeriesValue:
         # Called under the lock by the flusher; encoding is cheap next to I/O.
         return HistogramValue(self._counts, self._sum).encode()
+
+    def _zero(self) -> None:
+        self._counts[:] = [0] * len(self._counts)
+        self._sum = 0.0
+        self._durable = self._state()
+        self.created = None
+
+    def _add(self, stored: HistogramValue, raw: SeriesValue) -> None:
+        for i, c in enumerate(stored.counts):
+            self._counts[i] += c
+        self._sum += stored.sum
+        self._durable = raw
 
     def __repr__(self) -> str:
         return f"<HistogramChild {self.family.name}{self.labelvalues!r}>"
@@ -418,6 +439,30 @@ class MetricFamily(Generic[ChildT]):
             if values is child.labelvalues and child.created is None:
                 child.created = created.get(child.key)
         self._restored_created = created
+
+    # -- rebinding to another slot (keepcount.registry, after a fork) ----------
+
+    def _zero(self) -> None:
+        """Forget every stored value (lock held, nothing dirty): the family
+        now counts from zero until ``_add_stored`` adds a slot's values."""
+        self._restored = {}
+        self._restored_created = {}
+        for values, child in self._children.items():
+            if values is child.labelvalues:
+                child._zero()
+
+    def _add_stored(self, stored: dict[str, SeriesValue]) -> None:
+        """Add a slot's stored values (lock held) to what was counted since
+        ``_zero``: a child's value becomes stored + counted, its durable
+        value the stored one; series no child holds yet stay lazy."""
+        by_key = {c.key: c for v, c in self._children.items() if v is c.labelvalues}
+        for key, raw in stored.items():
+            decoded = self._decode(raw)
+            child = by_key.get(key)
+            if child is None:
+                self._restored[key] = raw
+            else:
+                child._add(decoded, raw)
 
     def _redefine(self, new: FamilyDef) -> None:
         if not new.same_shape(self._definition):

@@ -16,13 +16,16 @@ __all__ = [
     "MAX_LABEL_VALUE_LENGTH",
     "check_label_names",
     "check_metric_name",
+    "check_host_id",
     "check_node_id",
     "label_value",
 ]
 
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+# A store node id: a host id, or one of its worker slots ("web-1@2", keepcount.slots).
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}(?:@[1-9][0-9]{0,3})?")
 
 MAX_NAME_LENGTH = 200
 # Label values are free text in Prometheus; a bound keeps one bad caller from
@@ -101,7 +104,18 @@ def label_value(name: str, value: object) -> str:
 
 
 def check_node_id(node: object) -> str:
+    """A node id as stores hold it: a host id, or a slot of one (``web-1@2``)."""
     if not isinstance(node, str) or not _NODE_ID.fullmatch(node):
+        raise InvalidInput(
+            f"invalid node id {node!r}: 1-63 characters of letters, digits, '_', '.' and '-', "
+            "starting with a letter or digit"
+        )
+    return node
+
+
+def check_host_id(node: object) -> str:
+    """A node id as a user gives it (``KEEPCOUNT_NODE``): no slot suffix."""
+    if not isinstance(node, str) or not _HOST_ID.fullmatch(node):
         raise InvalidInput(
             f"invalid node id {node!r}: 1-63 characters of letters, digits, '_', '.' and '-', "
             "starting with a letter or digit"

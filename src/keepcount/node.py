@@ -105,7 +105,7 @@ from keepcount.metrics import (
     MetricFamily,
 )
 from keepcount.naming import check_label_names, check_metric_name, check_node_id, label_value
-from keepcount.openapi import OPENAPI
+from keepcount.openapi import DEFAULT_HELP, MAX_HELP_LENGTH, OPENAPI
 from keepcount.registry import Receipt, Registry
 from keepcount.totals import SeriesTotal, cluster_totals
 from keepcount.ui import STATE_PATH, TimedCache, Transitions, asset_routes, node_state
@@ -118,8 +118,10 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CLAIM_TIMEOUT",
     "DEFAULT_CLAIM_TTL",
+    "DEFAULT_HELP",
     "EXIT_CLAIM_LOST",
     "DEFAULT_MAX_BODY",
+    "MAX_HELP_LENGTH",
     "HTTPError",
     "Node",
     "NodeConfig",
@@ -159,7 +161,8 @@ _KEY = re.compile(r"[!-~]{1,255}")  # Idempotency-Key (and token): printable ASC
 _KEY_BYTES = re.compile(rb"[!-~]{1,255}")
 _JSON_HEADERS = {"content-type": "application/json"}
 _RETRY = {"retry-after": RETRY_AFTER}
-_FIELDS = frozenset(("labels", "by"))
+_FIELDS = frozenset(("labels", "by", "help"))
+_HELP_CHARS = re.compile(r"[^\x00-\x1f\x7f-\x9f]*")  # no control characters (C0, DEL, C1)
 _EMPTY: dict[str, Any] = {}
 # Built once: json.dumps with options builds a new encoder per call.  Output is ASCII.
 _encode = json.JSONEncoder(separators=(",", ":")).encode
@@ -352,6 +355,7 @@ class Node:
                     max_children=cfg.max_children,
                     idempotency_ttl=cfg.idempotency_ttl,
                     epoch=epoch,
+                    max_slots=1,  # a node process serves its id itself, never a slot of it
                 )
             except (ClaimConflict, StoreUnavailable, CoordinatorUnavailable) as exc:
                 left = deadline - time.monotonic()
@@ -533,13 +537,16 @@ class Node:
             data = _parse(body)
             labels = data.get("labels", _EMPTY)
             by = data.get("by", 1)
+            help_ = data.get("help")
             if not _FIELDS.issuperset(data):
                 unknown = sorted(set(data) - _FIELDS)
                 raise HTTPError(
-                    422, "invalid_input", f"unknown field(s) {unknown}; expected labels, by"
+                    422, "invalid_input", f"unknown field(s) {unknown}; expected labels, by, help"
                 )
+            if help_ is not None or "help" in data:  # "help": null is refused too
+                _check_help(help_)
         else:
-            labels, by = _EMPTY, 1
+            labels, by, help_ = _EMPTY, 1, None
         if type(labels) is not dict or not all(type(v) is str for v in labels.values()):
             raise HTTPError(
                 422, "invalid_input", 'labels must be an object of strings, e.g. {"route": "/"}'
@@ -561,7 +568,7 @@ class Node:
                 label_value(n, labels[n])
             if reg is None:
                 raise self._not_ready()
-            family = reg.counter(name, "", labelnames=labelnames)
+            family = reg.counter(name, help_ or DEFAULT_HELP, labelnames=labelnames)
         assert reg is not None  # a family was found in it
         if not isinstance(family, Counter):
             raise HTTPError(
@@ -604,6 +611,12 @@ class Node:
                 f"node {self.config.node} lost the certainty of its claim before answering; "
                 "not acknowledged (retry with the same Idempotency-Key)",
             )
+        if help_ and help_ != family.help and not receipt.replayed:
+            # A new help replaces the family's, as Registry.counter() does on a
+            # redeclaration; only once the increment is acknowledged (an error
+            # answer changes nothing).  Stored by the next flush.
+            with contextlib.suppress(KeepcountError):  # closing: the count stands
+                reg.counter(name, help_, labelnames=names)
         payload = _encode(
             {
                 "node": receipt.node,
@@ -768,6 +781,25 @@ def _parse(body: bytes) -> dict[str, Any]:
     if type(data) is not dict:
         raise HTTPError(400, "malformed_json", "the body must be a JSON object")
     return data
+
+
+def _check_help(help_: object) -> None:
+    """Refuse an increment's ``help`` that is not short, printable text."""
+    if type(help_) is not str:
+        raise HTTPError(422, "invalid_input", f"help must be a string, not {_show(help_)}")
+    if len(help_) > MAX_HELP_LENGTH:
+        raise HTTPError(422, "invalid_input", f"help is longer than {MAX_HELP_LENGTH} characters")
+    if not _HELP_CHARS.fullmatch(help_):
+        raise HTTPError(
+            422, "invalid_input", "help must not hold control characters (newlines, tabs, ...)"
+        )
+    if not help_.isascii():
+        try:  # a lone surrogate (JSON "\\ud800") could never be stored
+            help_.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HTTPError(
+                422, "invalid_input", "help is not valid Unicode text (it holds a lone surrogate)"
+            ) from None
 
 
 def _too_large(limit: int) -> HTTPError:

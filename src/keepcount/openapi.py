@@ -21,7 +21,17 @@ from keepcount.naming import MAX_LABEL_VALUE_LENGTH, MAX_NAME_LENGTH
 from keepcount.ui.assets import ASSETS, PAGE_PATH, STATE_PATH
 from keepcount.ui.state import STATE_SCHEMA
 
-__all__ = ["OPENAPI", "operations"]
+__all__ = ["DEFAULT_HELP", "MAX_HELP_LENGTH", "OPENAPI", "operations"]
+
+# Part of the contract, so defined here (keepcount.node, which serves this
+# document, imports them from it).
+DEFAULT_HELP = "Counted through the keepcount HTTP API (POST /v1/counters/{name}/increment)."
+"""The HELP text of a counter first declared by an increment without ``help``
+(every exposed family needs one: ``promtool check metrics``)."""
+
+MAX_HELP_LENGTH = 1024
+"""Characters of an increment's ``help``; like a label value, it is stored and
+written into every scrape."""
 
 _JSON = "application/json"
 
@@ -70,10 +80,12 @@ _ERROR_RESPONSES: dict[str, dict[str, Any]] = {
         **_json_body(_ref("schemas", "Error")),
     },
     "E422": {
-        "description": "Well-formed but refused, nothing changed: unknown field or "
-        "labels not an object of strings (`invalid_input`); `by` not an integer in "
-        "[0, 2^63-1] or the value would pass 2^63-1 (`invalid_amount`); invalid metric "
-        "name, label name or label value (`invalid_input`); labels that differ from the "
+        "description": "Well-formed but refused, nothing changed: unknown field, "
+        "labels not an object of strings, or `help` not a string of at most "
+        f"{MAX_HELP_LENGTH} characters without control characters (`invalid_input`); "
+        "`by` not an integer in [0, 2^63-1] or the value would pass 2^63-1 "
+        "(`invalid_amount`); invalid metric name, label name or label value "
+        "(`invalid_input`); labels that differ from the "
         "existing family's, or a histogram of that name (`definition_conflict`); the "
         "family already holds its maximum of label sets (`too_many_label_sets`, the "
         "message names the limit); an Idempotency-Key reused with another request "
@@ -155,6 +167,15 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "labels": {**_ref("schemas", "Labels"), "default": {}},
             "by": {"type": "integer", "minimum": 0, "maximum": MAX_VALUE, "default": 1},
+            "help": {
+                "type": "string",
+                "maxLength": MAX_HELP_LENGTH,
+                "pattern": r"^[^\x00-\x1f\x7f-\x9f]*$",
+                "description": "The counter's HELP text on /metrics: up to "
+                f"{MAX_HELP_LENGTH} characters, no control characters. Without it (or "
+                f'empty), a counter declared by this increment gets "{DEFAULT_HELP}"; '
+                "given, it replaces the counter's help once the increment is acknowledged.",
+            },
         },
     },
     "IncrementResult": {
@@ -286,8 +307,9 @@ _PATHS: dict[str, Any] = {
         "post": {
             "operationId": "increment",
             "summary": "Add to a counter; answered only once the increment is durable.",
-            "description": "Declares the counter on first use with the given label names. "
-            "`labels` defaults to `{}` and `by` to 1; an empty body means both defaults.",
+            "description": "Declares the counter on first use with the given label names "
+            "and `help`. `labels` defaults to `{}` and `by` to 1; an empty body means both "
+            "defaults.",
             "parameters": [_NAME, _IDEMPOTENCY_KEY],
             "security": [{}, {"bearer": []}],
             "requestBody": {

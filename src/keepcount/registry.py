@@ -27,6 +27,7 @@ import asyncio
 import atexit
 import json
 import logging
+import os
 import threading
 import time
 import weakref
@@ -36,7 +37,12 @@ from types import TracebackType
 from typing import Any
 
 from keepcount.commit import DEFAULT_FLUSH_INTERVAL, DEFAULT_IDEMPOTENCY_TTL, GroupCommit, _copy
-from keepcount.errors import InvalidInput, KeepcountError, RegistryClosed
+from keepcount.errors import (
+    DefinitionConflict,
+    InvalidInput,
+    KeepcountError,
+    RegistryClosed,
+)
 from keepcount.metrics import (
     DEFAULT_BUCKETS,
     DEFAULT_MAX_CHILDREN,
@@ -48,9 +54,17 @@ from keepcount.metrics import (
     counter_def,
     histogram_def,
 )
-from keepcount.naming import check_node_id
+from keepcount.naming import check_host_id, check_node_id
+from keepcount.slots import DEFAULT_MAX_SLOTS, SlotLock, host_of, lock_dir, take_slot
 from keepcount.stores import open_store
-from keepcount.stores.base import FamilyDef, KeyRecord, SeriesRow, SeriesValue, Store
+from keepcount.stores.base import (
+    FamilyDef,
+    KeyRecord,
+    SeriesRow,
+    SeriesValue,
+    Snapshot,
+    Store,
+)
 from keepcount.totals import SeriesTotal, cluster_totals
 
 __all__ = ["Receipt", "Registry", "open"]
@@ -58,6 +72,39 @@ __all__ = ["Receipt", "Registry", "open"]
 log = logging.getLogger("keepcount.registry")
 
 _open_registries: weakref.WeakSet[Registry] = weakref.WeakSet()
+_inherited: list[object] = []
+"""Stores a forked child inherited and must never use nor close (the parent's)."""
+
+
+def _next_epoch(store: Store, node: str) -> int:
+    """One more than ``node``'s stored epoch: only the holder of the slot's
+    lock reads and bumps it, so no other claim can take the same one."""
+    for record in store.nodes():
+        if record.node == node:
+            return record.epoch + 1
+    return 1
+
+
+def _before_fork() -> None:
+    for reg in list(_open_registries):
+        reg._before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    for reg in list(_open_registries):
+        reg._after_fork_in_parent()
+
+
+def _after_fork_in_child() -> None:
+    for reg in list(_open_registries):
+        reg._after_fork_in_child()
+
+
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
 
 
 @atexit.register
@@ -90,29 +137,50 @@ def open(  # noqa: A001 - the public name in DESIGN §3
     max_children: int | None = DEFAULT_MAX_CHILDREN,
     epoch: int | None = None,
     idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
+    max_slots: int = DEFAULT_MAX_SLOTS,
 ) -> Registry:
-    """Open the store at ``url``, claim ``node`` and restore its values.
+    """Open the store at ``url``, take a slot of host ``node``, restore it.
 
-    ``epoch`` comes from a coordinator when one issues the claim; without it
-    the store issues the next epoch itself.  ``idempotency_ttl``: seconds
-    an idempotency key given to ``increment()`` is remembered.  Raises ``ClaimConflict`` if
-    another live process holds ``node``, ``CorruptStore`` for a damaged or
-    foreign store, ``StoreUnavailable`` if it cannot be reached.
+    Every process that opens the same ``node`` gets a slot of its own
+    (``keepcount.slots``): the lowest one no live process holds, restored
+    before this returns.  ``reg.node`` is the slot's id (``node`` itself for
+    slot 0, ``node@1``, ...), ``reg.host`` is ``node``.  A registry opened
+    before a fork (gunicorn ``--preload``, an import in a forking master)
+    gives its slot back at the fork, and each child takes and restores a slot
+    of its own (see ``Registry``).  ``max_slots=1`` makes the id exclusive:
+    a second live process gets ``ClaimConflict``.
+
+    ``epoch`` (from a coordinator that issued the claim) claims exactly
+    ``node``, with no slots.  ``idempotency_ttl``: seconds an idempotency key
+    given to ``increment()`` is remembered.  Raises ``ClaimConflict`` if live
+    processes hold every slot, ``CorruptStore`` for a damaged or foreign
+    store, ``StoreUnavailable`` if it cannot be reached.
     """
-    check_node_id(node)
+    options: dict[str, Any] = {
+        "flush_interval": flush_interval,
+        "max_children": max_children,
+        "idempotency_ttl": idempotency_ttl,
+    }
+    if epoch is not None:
+        check_node_id(node)
+    else:
+        check_host_id(node)
     store = open_store(url)
     try:
-        return Registry(
-            store,
-            node,
-            flush_interval=flush_interval,
-            max_children=max_children,
-            epoch=epoch,
-            idempotency_ttl=idempotency_ttl,
-        )
+        if epoch is not None:
+            return Registry(store, node, epoch=epoch, **options)
+        return Registry(store, node, slots=_Slots(url, max_slots), **options)
     except BaseException:
         store.close()
         raise
+
+
+@dataclass(frozen=True, slots=True)
+class _Slots:
+    """Where a host registry finds its slots (``keepcount.slots``)."""
+
+    url: str
+    max_slots: int
 
 
 class Registry:
@@ -121,6 +189,24 @@ class Registry:
     Thread-safe; ``inc()`` never does I/O.  Use ``await commit()`` in asyncio
     code and ``commit_sync()`` in threads.  The registry owns the store it is
     given and closes it in ``close()``.
+
+    **Hosts of many workers** (made by ``keepcount.open``): the registry
+    holds a *slot* of its host (``keepcount.slots``).  Across a fork:
+
+    - the parent flushes, gives its slot back and closes its store (nothing
+      that cannot cross a fork - the flusher thread, a connection, a driver
+      session - is there when the child starts); its values stay durable in
+      the slot, and in the host's totals;
+    - the child takes the lowest free slot and restores it before it goes
+      on, so a gunicorn worker serves with its slot's values;
+    - a parent that had counted takes a slot again at once; one that never
+      did (gunicorn's master with ``--preload``) only when it next needs to
+      write, so it holds no slot while it only supervises workers.
+
+    A child that cannot take a slot (store down) answers every commit with
+    the error until a later flush manages to.  A registry built directly on
+    a store (``Registry(store, node)``, one exact node id) cannot be shared:
+    in a forked child every commit raises ``RegistryClosed``.
     """
 
     def __init__(
@@ -132,60 +218,155 @@ class Registry:
         max_children: int | None = DEFAULT_MAX_CHILDREN,
         epoch: int | None = None,
         idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
+        slots: _Slots | None = None,
     ) -> None:
-        self.node = check_node_id(node)
-        self.store = store
+        self.host = check_host_id(node) if slots is not None else check_node_id(node)
+        """The node id the registry was opened with (the host, for slots)."""
+        self.node = self.host
+        """The store node id written: the slot's id (``host`` or ``host@N``)."""
+        self.store: Store = store
         self.max_children = max_children
         self._lock = threading.Lock()
         if not idempotency_ttl > 0:
             raise ValueError("idempotency_ttl must be positive")
         self.idempotency_ttl = idempotency_ttl
-        self._group = GroupCommit(
-            self._lock,
-            self._write,
-            node=self.node,
-            lookup=store.lookup_key,
-            expire=store.expire_keys,
-            interval=flush_interval,
-            name=f"keepcount-flush-{node}",
-        )
+        self._interval = flush_interval
+        self._slots = slots
+        self._slot_lock: SlotLock | None = None
+        self._bind_lock = threading.Lock()
+        self._store_open = True
+        self._pid = os.getpid()
+        self._fork_restart = False
+        self._counted_before_fork = False
+        self._group = self._new_group()
         self._shared = _Shared(self._lock, self._group.dirty, self._group.meta_dirty)
         self._families: dict[str, MetricFamily[Any]] = {}
         self._closed = False
-        started = time.perf_counter()
-        self.epoch = store.claim(node, epoch)
-        try:
-            snapshot = store.load(node)
-            for name, definition in snapshot.families.items():
-                values = snapshot.values.get(name, {})
-                self._families[name] = self._family(definition, values, max_children)
-        except BaseException:
-            store.release(node, self.epoch)
-            raise
-        self.restored_series = snapshot.series_count()
-        self.restore_seconds = time.perf_counter() - started
         self._created = threading.Event()
-        if self.restored_series:
-            threading.Thread(
-                target=self._load_created, name=f"keepcount-created-{node}", daemon=True
-            ).start()
+        self.epoch = 0
+        self.restored_series = 0
+        self.restore_seconds = 0.0
+        if slots is None:
+            self._bind_exact(epoch)
         else:
-            self._created.set()
+            error = self._bind_slot()
+            if error is not None:
+                raise error
         self._group.start()
         _open_registries.add(self)
 
-    def _load_created(self) -> None:
+    def _new_group(self) -> GroupCommit:
+        old = getattr(self, "_group", None)
+        return GroupCommit(
+            self._lock,
+            self._write,
+            node=self.node,
+            lookup=self._lookup_key,
+            expire=self._expire_keys,
+            interval=self._interval,
+            name=f"keepcount-flush-{self.host}",
+            bind=self._bind_slot if self._slots is not None else None,
+            dirty=None if old is None else old.dirty,
+            meta_dirty=None if old is None else old.meta_dirty,
+        )
+
+    def _bind_exact(self, epoch: int | None) -> None:
+        started = time.perf_counter()
+        self.epoch = self.store.claim(self.node, epoch)
+        try:
+            snapshot = self.store.load(self.node)
+            with self._lock:
+                self._apply(snapshot)
+        except BaseException:
+            self.store.release(self.node, self.epoch)
+            raise
+        self._restored(snapshot, started)
+
+    def _bind_slot(self) -> KeepcountError | None:
+        """Take the lowest free slot, claim it with the next epoch, add its
+        stored values to what was counted since the last unbind (no lock
+        held: I/O).  The error, or None once bound."""
+        assert self._slots is not None
+        with self._bind_lock:  # the flusher and a fork hook may both try
+            if self._slot_lock is not None:
+                return None
+            return self._take_slot()
+
+    def _take_slot(self) -> KeepcountError | None:
+        assert self._slots is not None
+        started = time.perf_counter()
+        try:
+            if not self._store_open:
+                self.store = open_store(self._slots.url)
+                self._store_open = True
+            store = self.store
+            lock = take_slot(lock_dir(self._slots.url), self.host, self._slots.max_slots)
+            try:
+                node = lock.node
+                epoch = store.claim(node, _next_epoch(store, node))
+                try:
+                    snapshot = store.load(node)
+                    with self._lock:
+                        self._apply(snapshot)
+                        self.node, self.epoch, self._slot_lock = node, epoch, lock
+                        self._group.node = node
+                except BaseException:
+                    store.release(node, epoch)
+                    raise
+            except BaseException:
+                lock.release()
+                raise
+        except KeepcountError as exc:
+            log.warning("node %s: cannot take a slot: %s", self.host, exc)
+            return exc
+        self._restored(snapshot, started)
+        return None
+
+    def _apply(self, snapshot: Snapshot) -> None:
+        """Add a slot's stored values to the families (lock held).  Every
+        family the slot lacks is written to it with the next flush."""
+        for name, definition in snapshot.families.items():
+            values = snapshot.values.get(name, {})
+            family = self._families.get(name)
+            if family is None:
+                self._families[name] = self._family(definition, values, self.max_children)
+            elif not family.definition.same_shape(definition):
+                raise DefinitionConflict(
+                    f"{name}: node {self.host!r} stores it as a {definition.kind} with labels "
+                    f"{list(definition.labelnames)}, this process declared it otherwise"
+                )
+            else:
+                family._add_stored(values)
+        for name, family in self._families.items():
+            if name not in snapshot.families and family not in self._group.meta_dirty:
+                self._group.meta_dirty.append(family)
+
+    def _restored(self, snapshot: Snapshot, started: float) -> None:
+        self.restored_series = snapshot.series_count()
+        self.restore_seconds = time.perf_counter() - started
+        self._created.clear()
+        if self.restored_series:
+            node = self.node
+            threading.Thread(
+                target=self._load_created, args=(node,), name=f"keepcount-created-{node}",
+                daemon=True,
+            ).start()  # fmt: skip
+        else:
+            self._created.set()
+
+    def _load_created(self, node: str) -> None:
         """Read the restored series' created times (for ``_created`` samples)
         after the values: as long again to read, and not needed to count."""
         try:
-            created = self.store.load_created(self.node)
+            created = self.store.load_created(node)
         except Exception as exc:  # a closed or failing store: exposition goes without
             if not self._closed:
-                log.warning("node %s: cannot read created times: %s", self.node, exc)
+                log.warning("node %s: cannot read created times: %s", node, exc)
             created = {}
         with self._lock:
-            for name, family in self._families.items():
-                family._set_restored_created(created.get(name, {}))
+            if node == self.node:
+                for name, family in self._families.items():
+                    family._set_restored_created(created.get(name, {}))
         self._created.set()
 
     def wait_created(self, timeout: float | None = None) -> bool:
@@ -308,6 +489,12 @@ class Registry:
     ) -> None:
         self.store.write(self.node, self.epoch, families, rows, keys)
 
+    def _lookup_key(self, key: str) -> KeyRecord | None:
+        return self.store.lookup_key(key)
+
+    def _expire_keys(self, now: float) -> int:
+        return self.store.expire_keys(now)
+
     @property
     def fenced(self) -> bool:
         """True once a newer incarnation took the node id: nothing more is acknowledged."""
@@ -329,8 +516,27 @@ class Registry:
 
         Reads the store: call it from a thread in asyncio code.
         """
+        return cluster_totals(self._read_store().read_cluster(name))
+
+    def host_totals(self, name: str | None = None) -> list[SeriesTotal]:
+        """Totals over this registry's host: every slot of it (``host``,
+        ``host@1``, ...), dead ones too, from durable values.  Each total's
+        ``nodes`` holds the slots' parts.  Reads the store, as ``cluster()``."""
+        snapshot = self._read_store().read_cluster(name)
+        host = self.host
+        snapshot.rows = [r for r in snapshot.rows if host_of(r[0]) == host]
+        return cluster_totals(snapshot)
+
+    def _read_store(self) -> Store:
+        """The store, to read (a parent that gave its slot back at a fork
+        opens it again, without taking a slot)."""
         self._check_open()
-        return cluster_totals(self.store.read_cluster(name))
+        with self._bind_lock:
+            if not self._store_open:
+                assert self._slots is not None
+                self.store = open_store(self._slots.url)
+                self._store_open = True
+        return self.store
 
     # -- closing ----------------------------------------------------------------
 
@@ -346,13 +552,103 @@ class Registry:
             self._closed = True
         _open_registries.discard(self)
         error = self._group.close()
-        try:
-            if self._group.fatal is None:
-                self.store.release(self.node, self.epoch)
-        finally:
-            self.store.close()
+        bound = self._slots is None or self._slot_lock is not None
+        self._give_back(released=self._group.fatal is None and bound)
         if error is not None:
             raise error
+
+    def _give_back(self, *, released: bool) -> None:
+        """Release the claim (if ``released``) and the slot, close the store."""
+        try:
+            if released and self._store_open:
+                self.store.release(self.node, self.epoch)
+        finally:
+            if self._slot_lock is not None:
+                self._slot_lock.release()
+                self._slot_lock = None
+            if self._store_open:
+                self._store_open = False
+                self.store.close()
+
+    # -- forks -------------------------------------------------------------------
+
+    def _before_fork(self) -> None:
+        """In the parent, just before ``fork()``: stop the flusher (it flushes
+        what is pending), give the slot back and close the store, so nothing
+        that cannot cross a fork is there (see the class docstring).  Then
+        hold the lock so no thread of the parent is inside an update as the
+        child is made."""
+        self._fork_restart = False
+        self._counted_before_fork = False
+        if self._slots is not None and not self._closed and self._group.fatal is None:
+            self._counted_before_fork = self._group.counted or bool(self._group.dirty)
+            error = self._group.close()
+            self._fork_restart = True
+            bound = self._slot_lock is not None
+            if bound and (error is not None or self._group.fatal is not None):
+                # Not all durable: keep the slot; the child keeps off it.
+                log.warning("node %s: flush before fork failed: %s", self.node, error)
+            else:
+                self._give_back(released=bound)
+                if bound:
+                    with self._lock:
+                        for family in self._families.values():
+                            family._zero()
+        self._lock.acquire()
+
+    def _after_fork_in_parent(self) -> None:
+        self._lock.release()
+        if not self._fork_restart:
+            return
+        self._restart_group(unbound=self._slot_lock is None)
+        if self._group.unbound and self._counted_before_fork:
+            self._bind_now()  # a process that counts keeps a slot
+
+    def _after_fork_in_child(self) -> None:
+        self._lock.release()
+        if self._closed:
+            return
+        if self._store_open:
+            _inherited.append(self.store)  # the parent's: never used nor closed here
+            forget = getattr(self.store, "forget_claims", None)
+            if forget is not None:
+                forget()
+            if self._slot_lock is not None:
+                self._slot_lock.forget()
+                self._slot_lock = None
+            self._store_open = False
+        if self._slots is None or self._group.fatal is not None:
+            fatal = self._group.fatal or RegistryClosed(
+                f"the registry of node {self.node!r} was opened in process {self._pid}, "
+                "which this process forked from: open it in this process, or use "
+                "keepcount.open(url, node), which gives each process a slot"
+            )
+            self._group = self._new_group()
+            self._group._fatal = fatal
+            return
+        # The parent's counts are the parent's: start from zero, then add the
+        # stored values of the slot this process takes.
+        with self._lock:
+            for family in self._families.values():
+                family._zero()
+            for child in self._group.dirty:
+                child._dirty = False
+            self._group.dirty.clear()
+        self._pid = os.getpid()
+        self._restart_group(unbound=True)
+        self._bind_now()  # restore before serving
+
+    def _bind_now(self) -> None:
+        """Take a slot at once rather than with the next flush.  The group
+        stays ``unbound`` until its flusher sees the slot (its ``bind()`` is
+        then a no-op) and clears the flag as it starts that flush: only the
+        flusher may, or a ``commit_sync()`` could start a flush beside it."""
+        self._bind_slot()
+
+    def _restart_group(self, *, unbound: bool) -> None:
+        self._group = self._new_group()
+        self._group.unbound = unbound
+        self._group.start()
 
     async def aclose(self) -> None:
         """``close()`` without blocking the event loop."""

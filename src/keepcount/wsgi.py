@@ -72,6 +72,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from keepcount.errors import KeepcountError
+from keepcount.hostmetrics import HostView
 from keepcount.httpmetrics import (
     DEFAULT_MAX_PENDING,
     UNMATCHED,
@@ -88,7 +89,7 @@ if TYPE_CHECKING:
 
     from _typeshed import OptExcInfo
 
-__all__ = ["KeepcountWSGIMiddleware"]
+__all__ = ["KeepcountWSGIMiddleware", "make_wsgi_app"]
 
 logger = logging.getLogger("keepcount.http")
 
@@ -306,3 +307,36 @@ class _Body:
         close = getattr(self.body, "close", None)
         if close is not None:
             close()
+
+
+def make_wsgi_app(registry: Registry, *, per_worker: bool = False) -> WSGIApplication:
+    """A WSGI app serving the host's ``/metrics`` (``keepcount.hostmetrics``).
+
+    Like prometheus_client's ``make_wsgi_app``: mount it at ``/metrics``
+    (Flask: ``DispatcherMiddleware``; Django: a view calling it).  Whichever
+    worker answers, it shows every slot of the host summed, from durable
+    values.  A store that cannot be read gets ``503`` with a JSON error body.
+    """
+    view = HostView(registry, per_worker=per_worker)
+
+    def metrics_app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            body, content_type = view.render(environ.get("HTTP_ACCEPT"))
+        except KeepcountError as exc:
+            logger.warning("keepcount: /metrics cannot read the store: %s", exc)
+            body, content_type, status = (
+                error_body(exc),
+                "application/json",
+                "503 Service Unavailable",
+            )
+        else:
+            status = "200 OK"
+        headers = [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+        ]
+        start_response(status, headers)
+        return [body]
+
+    return metrics_app

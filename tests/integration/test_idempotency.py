@@ -227,7 +227,7 @@ def test_keys_of_a_fenced_incarnation_are_refused(path: Path) -> None:
         child = reg.counter("c_total", "", ["k"]).labels("a")
         reg.store.release("node-1", reg.epoch)  # the claim is lost; a newer incarnation takes over
         newer = SQLiteStore(path)
-        newer.claim("node-1")
+        newer.claim("node-1", reg.epoch + 1)  # as a coordinator would
         try:
 
             async def main() -> None:

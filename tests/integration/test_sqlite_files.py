@@ -221,7 +221,10 @@ def check_exclusive_claim(url: str, holder: subprocess.Popen[str]) -> None:
         line = holder.stdout.readline().split()
         assert line[0] == "held", line
         with pytest.raises(ClaimConflict, match=f"pid {holder.pid}"):
-            keepcount.open(url, node="node-1")
+            keepcount.open(url, node="node-1", max_slots=1)
+        with keepcount.open(url, node="node-1") as reg:  # a second slot of the host, not its own
+            assert reg.node == "node-1@1"
+            assert reg.counter("c_total").value == 0
         with keepcount.open(url, node="node-2") as reg:  # other ids in the same file are free
             reg.counter("c_total").inc()
         holder.send_signal(signal.SIGKILL)

@@ -10,8 +10,8 @@ import jsonschema_rs
 import pytest
 from starlette.routing import Route
 
-from keepcount.node import NodeConfig, create_app
-from keepcount.openapi import OPENAPI, operations
+from keepcount.node import HTTPError, NodeConfig, _check_help, create_app
+from keepcount.openapi import MAX_HELP_LENGTH, OPENAPI, operations
 
 DOC: dict[str, Any] = json.loads(json.dumps(OPENAPI))  # as served
 
@@ -78,11 +78,16 @@ def validator(name: str) -> jsonschema_rs.Validator:
 
 def test_the_schemas_say_what_the_api_means() -> None:
     request = validator("IncrementRequest")
-    for ok in ({}, {"by": 0}, {"by": 2**63 - 1}, {"labels": {"route": "/", "_x": ""}}):
+    for ok in ({}, {"by": 0}, {"by": 2**63 - 1}, {"labels": {"route": "/", "_x": ""}},
+               {"help": ""}, {"help": "Requests served"}, {"help": "é" * MAX_HELP_LENGTH},
+               {"help": 'Zähler "x" \\ 🙂'}):  # fmt: skip
         assert request.is_valid(ok), ok
     for bad in ({"by": -1}, {"by": 2**63}, {"by": 1.5}, {"by": True}, {"by": "1"},
                 {"labels": {"a": 1}}, {"labels": {"__a": "x"}}, {"labels": {"a-b": "x"}},
-                {"labels": []}, {"extra": 1}, {"labels": {"a": "x" * 1025}}):  # fmt: skip
+                {"labels": []}, {"extra": 1}, {"labels": {"a": "x" * 1025}},
+                {"help": 5}, {"help": None}, {"help": ["a"]}, {"help": "x" * (MAX_HELP_LENGTH + 1)},
+                {"help": "a\nb"}, {"help": "a\tb"}, {"help": "\x00"}, {"help": "\x7f"},
+                {"help": "\x85"}):  # fmt: skip
         assert not request.is_valid(bad), bad
     error = validator("Error")
     assert error.is_valid({"error": {"code": "not_ready", "message": "restoring"}})
@@ -102,6 +107,20 @@ def app_operations() -> set[tuple[str, str]]:
             if method != "HEAD":  # Starlette answers HEAD wherever GET is served
                 found.add((method, route.path))
     return found
+
+
+def test_the_documented_help_is_the_help_the_node_accepts() -> None:
+    schema = DOC["components"]["schemas"]["IncrementRequest"]["properties"]["help"]
+    assert schema["maxLength"] == MAX_HELP_LENGTH
+    for text in ("", "ok", "é" * MAX_HELP_LENGTH, "x" * (MAX_HELP_LENGTH + 1),
+                 *(chr(c) for c in range(0xA1))):  # fmt: skip
+        try:
+            _check_help(text)  # the node's own check of the field
+        except HTTPError:
+            accepted = False
+        else:
+            accepted = True
+        assert validator("IncrementRequest").is_valid({"help": text}) is accepted, repr(text)
 
 
 def test_every_route_is_documented_and_every_operation_served() -> None:

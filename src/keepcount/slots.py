@@ -1,0 +1,180 @@
+"""Slots: the worker processes of one host share its node id.
+
+A *host* is what a node id names when a service runs as several worker
+processes (``gunicorn -w 4``, ``uvicorn --workers 4``): every process that
+opens a registry with ``node="web-1"`` takes a *slot* of that host by
+itself.  A slot is a node id of the store: slot 0 is the host id itself
+(``web-1``, so a single-process service keeps the node id and the rows it
+always had), slot *i* is ``web-1@i``.
+
+Choosing a slot
+---------------
+Liveness comes from a lock the kernel drops when its holder dies (even on
+SIGKILL): an exclusive ``flock`` on ``<lock dir>/<slot>.lock``.  A process
+tries the slots in order and keeps the first lock it gets, so it takes the
+**lowest free slot**; a slot whose holder died is free again at once, and
+one whose holder lives (or is stopped with SIGSTOP) is never taken.  So the
+number of slots is the most processes alive at once, not the number ever
+started: rows, disk and scrape cost stay flat however often workers recycle.
+
+The lock directory is the one the SQLite store uses for its own claims
+(``<file>-locks/``), so a slot and an exclusive claim of the same id (a
+``keepcount node --id web-1``) exclude each other.  For a network store
+(Cassandra, Bigtable) it is a local directory per store URL
+(``KEEPCOUNT_LOCK_DIR``, default under the temp dir): locks only see the
+processes of one machine, so one host id must be used by one machine at a
+time.  Two machines with the same id do not corrupt anything — each claim
+fences the previous holder, which then stops acknowledging — but they keep
+fencing each other: give every host its own ``KEEPCOUNT_NODE``.
+
+One writer per slot
+-------------------
+Holding the lock, the process claims the slot in the store with the next
+epoch (one more than the stored one): every write checks it, so a process
+that held the slot before can never overwrite the new holder's values
+(DESIGN G4, per slot).  The lock is what makes "next epoch" race-free: only
+its holder reads and bumps the slot's epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from keepcount.errors import ClaimConflict, InvalidInput, StoreUnavailable
+from keepcount.naming import check_host_id
+
+__all__ = [
+    "DEFAULT_MAX_SLOTS",
+    "SLOT_SEPARATOR",
+    "SlotLock",
+    "host_of",
+    "lock_dir",
+    "slot_id",
+    "slot_index",
+    "take_slot",
+]
+
+SLOT_SEPARATOR = "@"
+
+DEFAULT_MAX_SLOTS = 64
+"""Slots a host may have.  More workers than this alive at once get
+``ClaimConflict``; far above what one machine runs, it only stops a runaway
+(processes that never exit) from growing the store without bound."""
+
+_SLOT = re.compile(r"(.+)@([1-9][0-9]*)")
+
+
+def slot_id(host: str, index: int) -> str:
+    """The store node id of slot ``index`` of ``host``: ``host``, ``host@1``, ..."""
+    return host if index == 0 else f"{host}{SLOT_SEPARATOR}{index}"
+
+
+def slot_index(node: str) -> int:
+    """The slot number of a store node id (0 for a bare host id)."""
+    m = _SLOT.fullmatch(node)
+    return int(m.group(2)) if m else 0
+
+
+def host_of(node: str) -> str:
+    """The host a store node id belongs to (itself for slot 0)."""
+    m = _SLOT.fullmatch(node)
+    return m.group(1) if m else node
+
+
+def lock_dir(url: str) -> Path:
+    """Where the slot locks of the store at ``url`` live on this machine."""
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        return path.with_name(path.name + "-locks")
+    base = os.environ.get("KEEPCOUNT_LOCK_DIR") or os.path.join(
+        tempfile.gettempdir(), f"keepcount-locks-{os.getuid()}"
+    )
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return Path(base) / digest
+
+
+@dataclass
+class SlotLock:
+    """The held lock of one slot; ``release()`` (or the process's death) frees it."""
+
+    host: str
+    index: int
+    path: Path
+    fd: int | None
+
+    @property
+    def node(self) -> str:
+        return slot_id(self.host, self.index)
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)  # closing the last descriptor drops the flock
+
+    def forget(self) -> None:
+        """In a forked child: close the inherited descriptor.  The parent's
+        copy still holds the lock (a flock belongs to the open file, which
+        both share), so this frees nothing for others."""
+        self.release()
+
+
+def take_slot(directory: Path, host: str, max_slots: int = DEFAULT_MAX_SLOTS) -> SlotLock:
+    """Lock the lowest free slot of ``host`` in ``directory``.
+
+    Raises ``ClaimConflict`` naming the holders when all ``max_slots`` are
+    held by live processes, ``StoreUnavailable`` if the directory cannot be
+    used.
+    """
+    check_host_id(host)
+    if max_slots < 1:
+        raise InvalidInput(f"max_slots must be at least 1, got {max_slots}")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot create the slot lock directory {directory}: {exc}") from exc
+    holders = []
+    for index in range(max_slots):
+        path = directory / f"{slot_id(host, index)}.lock"
+        fd = _try_lock(path)
+        if isinstance(fd, int):
+            return SlotLock(host, index, path, fd)
+        holders.append(fd)
+    if max_slots == 1:
+        raise ClaimConflict(f"node {host!r} is already claimed: {holders[0]} (lock {path})")
+    shown = "; ".join(holders[:4]) + (" ..." if len(holders) > 4 else "")
+    raise ClaimConflict(
+        f"node {host!r}: all {max_slots} slots are held by live processes ({shown}); "
+        "raise max_slots or stop some"
+    )
+
+
+def _try_lock(path: Path) -> int | str:
+    """The locked descriptor, or a description of the live holder."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot open lock file {path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a live process"
+            os.close(fd)
+            return f"{path.stem} by {holder}"
+        # The file may have been unlinked and made again between open and
+        # flock (a cleaner of the temp dir): a lock on an unlinked file
+        # excludes nobody, so lock the file that is there now.
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+                return fd
+        os.close(fd)
