@@ -269,7 +269,7 @@ CASES = {
     "gunicorn-gthread": lambda p, w: gunicorn(p, w, "-k", "gthread", "--threads", "4"),
     "gunicorn-uvicorn-worker": lambda p, w: gunicorn(p, w, "--max-requests", "300", asgi=True),
     "gunicorn-uvicorn-worker-preload": lambda p, w: gunicorn(p, w, "--preload", asgi=True),
-    "uvicorn-workers": lambda p, w: uvicorn(p, w),
+    "uvicorn-workers": uvicorn,
 }
 
 
