@@ -204,6 +204,7 @@ class GroupCommit:
         interval: float | None = DEFAULT_FLUSH_INTERVAL,
         name: str = "keepcount-flusher",
         bind: BindFn | None = None,
+        check: BindFn | None = None,
         dirty: list[Any] | None = None,
         meta_dirty: list[Any] | None = None,
     ) -> None:
@@ -222,6 +223,9 @@ class GroupCommit:
         """Called (no lock held) before a flush while ``unbound``; returns
         the error that fails the flush, or None once bound."""
         self.unbound = False
+        self.check = check
+        """Called (no lock held) after each successful write: the error that
+        keeps the flush from being acknowledged, or None (a claim's trust)."""
         """The registry holds no slot yet: the next flush binds it first."""
         self._queued: list[Keyed] = []  # keyed deltas for the next flush
         self._replies: dict[asyncio.AbstractEventLoop, list[tuple[Any, KeyedOutcome]]] = {}
@@ -516,7 +520,7 @@ class GroupCommit:
                 err = StoreUnavailable(f"flush failed: {exc!r}")
                 err.__cause__ = exc
                 return err
-            return None
+            return None if self.check is None else self.check()
         return StoreUnavailable("idempotency keys kept changing under the flush; not written")
 
     def _resolve_conflict(

@@ -55,7 +55,15 @@ from keepcount.metrics import (
     histogram_def,
 )
 from keepcount.naming import check_host_id, check_node_id
-from keepcount.slots import DEFAULT_MAX_SLOTS, SlotLock, host_of, lock_dir, take_slot
+from keepcount.slots import (
+    DEFAULT_MAX_SLOTS,
+    Claimer,
+    CoordinatorClaimer,
+    Hold,
+    LockClaimer,
+    host_of,
+    next_epoch,
+)
 from keepcount.stores import open_store
 from keepcount.stores.base import (
     FamilyDef,
@@ -74,15 +82,6 @@ log = logging.getLogger("keepcount.registry")
 _open_registries: weakref.WeakSet[Registry] = weakref.WeakSet()
 _inherited: list[object] = []
 """Stores a forked child inherited and must never use nor close (the parent's)."""
-
-
-def _next_epoch(store: Store, node: str) -> int:
-    """One more than ``node``'s stored epoch: only the holder of the slot's
-    lock reads and bumps it, so no other claim can take the same one."""
-    for record in store.nodes():
-        if record.node == node:
-            return record.epoch + 1
-    return 1
 
 
 def _before_fork() -> None:
@@ -138,6 +137,7 @@ def open(  # noqa: A001 - the public name in DESIGN §3
     epoch: int | None = None,
     idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
     max_slots: int = DEFAULT_MAX_SLOTS,
+    coordinator: str | None = None,
 ) -> Registry:
     """Open the store at ``url``, take a slot of host ``node``, restore it.
 
@@ -149,6 +149,11 @@ def open(  # noqa: A001 - the public name in DESIGN §3
     gives its slot back at the fork, and each child takes and restores a slot
     of its own (see ``Registry``).  ``max_slots=1`` makes the id exclusive:
     a second live process gets ``ClaimConflict``.
+
+    ``coordinator`` (``etcd://...``, ``zookeeper://...``) takes the slots
+    there instead of by local locks (``keepcount.slots``): a slot is free
+    once its holder's lease expired, and nothing is acknowledged unless the
+    claim is trusted.
 
     ``epoch`` (from a coordinator that issued the claim) claims exactly
     ``node``, with no slots.  ``idempotency_ttl``: seconds an idempotency key
@@ -169,7 +174,12 @@ def open(  # noqa: A001 - the public name in DESIGN §3
     try:
         if epoch is not None:
             return Registry(store, node, epoch=epoch, **options)
-        return Registry(store, node, slots=_Slots(url, max_slots), **options)
+        claimer: Claimer = (
+            LockClaimer(url, max_slots)
+            if coordinator is None
+            else CoordinatorClaimer(coordinator, max_slots)
+        )
+        return Registry(store, node, slots=_Slots(url, claimer), **options)
     except BaseException:
         store.close()
         raise
@@ -180,7 +190,7 @@ class _Slots:
     """Where a host registry finds its slots (``keepcount.slots``)."""
 
     url: str
-    max_slots: int
+    claimer: Claimer
 
 
 class Registry:
@@ -232,7 +242,7 @@ class Registry:
         self.idempotency_ttl = idempotency_ttl
         self._interval = flush_interval
         self._slots = slots
-        self._slot_lock: SlotLock | None = None
+        self._slot_lock: Hold | None = None
         self._bind_lock = threading.Lock()
         self._store_open = True
         self._pid = os.getpid()
@@ -266,6 +276,7 @@ class Registry:
             interval=self._interval,
             name=f"keepcount-flush-{self.host}",
             bind=self._bind_slot if self._slots is not None else None,
+            check=self._check_hold,
             dirty=None if old is None else old.dirty,
             meta_dirty=None if old is None else old.meta_dirty,
         )
@@ -300,10 +311,10 @@ class Registry:
                 self.store = open_store(self._slots.url)
                 self._store_open = True
             store = self.store
-            lock = take_slot(lock_dir(self._slots.url), self.host, self._slots.max_slots)
+            lock = self._slots.claimer.take(self.host)
             try:
                 node = lock.node
-                epoch = store.claim(node, _next_epoch(store, node))
+                epoch = store.claim(node, lock.epoch or next_epoch(store, node))
                 try:
                     snapshot = store.load(node)
                     with self._lock:
@@ -489,6 +500,10 @@ class Registry:
     ) -> None:
         self.store.write(self.node, self.epoch, families, rows, keys)
 
+    def _check_hold(self) -> KeepcountError | None:
+        hold = self._slot_lock
+        return None if hold is None else hold.check()
+
     def _lookup_key(self, key: str) -> KeyRecord | None:
         return self.store.lookup_key(key)
 
@@ -566,6 +581,8 @@ class Registry:
             if self._slot_lock is not None:
                 self._slot_lock.release()
                 self._slot_lock = None
+            if self._slots is not None:
+                self._slots.claimer.close()
             if self._store_open:
                 self._store_open = False
                 self.store.close()
@@ -616,6 +633,8 @@ class Registry:
             if self._slot_lock is not None:
                 self._slot_lock.forget()
                 self._slot_lock = None
+            if self._slots is not None:
+                self._slots.claimer.forget()
             self._store_open = False
         if self._slots is None or self._group.fatal is not None:
             fatal = self._group.fatal or RegistryClosed(

@@ -27,6 +27,17 @@ time.  Two machines with the same id do not corrupt anything — each claim
 fences the previous holder, which then stops acknowledging — but they keep
 fencing each other: give every host its own ``KEEPCOUNT_NODE``.
 
+With a coordinator
+------------------
+``keepcount.open(url, node, coordinator="etcd://...")`` takes slots in the
+coordinator instead: the lowest slot id it can claim (an etcd lease, a
+ZooKeeper ephemeral node), whose epoch the store claim carries.  A slot is
+free once its holder's lease expired or was evicted, so this works across
+machines too.  A holder acknowledges nothing unless its claim is *trusted*
+(``keepcount.coordination``: renewed recently enough that the coordinator
+cannot have let it expire); once the claim is lost, the registry is fenced
+for good.
+
 One writer per slot
 -------------------
 Holding the lock, the process claims the slot in the store with the next
@@ -47,13 +58,29 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-from keepcount.errors import ClaimConflict, InvalidInput, StoreUnavailable
+from keepcount.errors import (
+    ClaimConflict,
+    Fenced,
+    InvalidInput,
+    KeepcountError,
+    OutcomeUnknown,
+    StoreUnavailable,
+)
 from keepcount.naming import check_host_id
+
+if TYPE_CHECKING:
+    from keepcount.coordination.base import Claim, Coordinator
+    from keepcount.stores.base import Store
 
 __all__ = [
     "DEFAULT_MAX_SLOTS",
     "SLOT_SEPARATOR",
+    "Claimer",
+    "CoordinatorClaimer",
+    "Hold",
+    "LockClaimer",
     "SlotLock",
     "host_of",
     "lock_dir",
@@ -101,6 +128,48 @@ def lock_dir(url: str) -> Path:
     return Path(base) / digest
 
 
+class Hold(Protocol):
+    """A slot held by this process."""
+
+    @property
+    def node(self) -> str:
+        """The slot's store node id."""
+        ...
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch the store claim must carry; None: the next stored one."""
+        ...
+
+    def check(self) -> KeepcountError | None:
+        """Before a write is acknowledged: None if the slot is surely still
+        held, else the error (``Fenced`` when lost for good)."""
+        ...
+
+    def release(self) -> None:
+        """Give the slot back (idempotent)."""
+        ...
+
+    def forget(self) -> None:
+        """In a forked child: let go of what was inherited, without
+        releasing the parent's hold."""
+        ...
+
+
+class Claimer(Protocol):
+    """Takes the lowest free slot of a host (see the module docstring)."""
+
+    def take(self, host: str) -> Hold: ...
+
+    def close(self) -> None:
+        """Release what the claimer holds open (a coordinator client)."""
+        ...
+
+    def forget(self) -> None:
+        """In a forked child: drop what was inherited, without using it."""
+        ...
+
+
 @dataclass
 class SlotLock:
     """The held lock of one slot; ``release()`` (or the process's death) frees it."""
@@ -110,9 +179,14 @@ class SlotLock:
     path: Path
     fd: int | None
 
+    epoch: int | None = None
+
     @property
     def node(self) -> str:
         return slot_id(self.host, self.index)
+
+    def check(self) -> KeepcountError | None:
+        return None  # held until this process dies: the kernel keeps it
 
     def release(self) -> None:
         fd, self.fd = self.fd, None
@@ -178,3 +252,103 @@ def _try_lock(path: Path) -> int | str:
                 os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
                 return fd
         os.close(fd)
+
+
+class LockClaimer:
+    """Slots by local locks (``take_slot``) in the store's lock directory."""
+
+    def __init__(self, url: str, max_slots: int = DEFAULT_MAX_SLOTS) -> None:
+        self.directory = lock_dir(url)
+        self.max_slots = max_slots
+
+    def take(self, host: str) -> SlotLock:
+        return take_slot(self.directory, host, self.max_slots)
+
+    def close(self) -> None:
+        pass
+
+    def forget(self) -> None:
+        pass
+
+
+@dataclass
+class _CoordinatorHold:
+    node: str
+    claim: Claim
+
+    @property
+    def epoch(self) -> int:
+        return self.claim.epoch
+
+    def check(self) -> KeepcountError | None:
+        if self.claim.lost:
+            return Fenced(f"slot {self.node!r}: the coordinator no longer holds its claim")
+        if not self.claim.trusted():
+            return OutcomeUnknown(
+                f"slot {self.node!r}: the claim was not renewed in time to vouch for this "
+                "write; not acknowledged"
+            )
+        return None
+
+    def release(self) -> None:
+        self.claim.release()
+
+    def forget(self) -> None:
+        pass  # the renewal runs on the parent's threads, which the child lacks
+
+
+class CoordinatorClaimer:
+    """Slots claimed in a coordinator (etcd, ZooKeeper): the lowest slot id
+    no live holder has; its epoch fences the store.  The coordinator client
+    is opened on first use and closed by ``close()`` (before a fork)."""
+
+    def __init__(self, url: str, max_slots: int = DEFAULT_MAX_SLOTS, ttl: float | None = None):
+        self.url = url
+        self.max_slots = max_slots
+        self.ttl = ttl
+        self._coordinator: Coordinator | None = None
+
+    def take(self, host: str) -> _CoordinatorHold:
+        from keepcount.coordination import open_coordinator
+        from keepcount.coordination.base import DEFAULT_TTL
+
+        check_host_id(host)
+        if self._coordinator is None:
+            self._coordinator = open_coordinator(self.url)
+        info = {"pid": str(os.getpid()), "host": socket.gethostname()}
+        held = []
+        for index in range(self.max_slots):
+            node = slot_id(host, index)
+            try:
+                claim = self._coordinator.claim(node, info, ttl=self.ttl or DEFAULT_TTL)
+            except ClaimConflict as exc:
+                held.append(str(exc))
+                continue
+            return _CoordinatorHold(node, claim)
+        raise ClaimConflict(
+            f"node {host!r}: all {self.max_slots} slots are claimed in {self.url} by live "
+            f"holders ({'; '.join(held[:3])}{' ...' if len(held) > 3 else ''})"
+        )
+
+    def close(self) -> None:
+        coordinator, self._coordinator = self._coordinator, None
+        if coordinator is not None:
+            coordinator.close()
+
+    def forget(self) -> None:
+        if self._coordinator is not None:
+            _inherited.append(self._coordinator)  # its threads are the parent's
+            self._coordinator = None
+
+
+_inherited: list[object] = []
+"""Clients a forked child inherited and must never use nor close."""
+
+
+def next_epoch(store: Store, node: str) -> int:
+    """One more than ``node``'s stored epoch: only the holder of the slot's
+    lock reads and bumps it, so no other claim can take the same one."""
+    for record in store.nodes():
+        if record.node == node:
+            return record.epoch + 1
+    return 1

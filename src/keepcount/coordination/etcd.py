@@ -58,6 +58,7 @@ import concurrent.futures
 import ipaddress
 import logging
 import math
+import os
 import socket
 import threading
 import time
@@ -80,7 +81,7 @@ from keepcount.coordination.base import (
     encode_info,
     renew_interval,
 )
-from keepcount.errors import ClaimConflict, CoordinatorUnavailable
+from keepcount.errors import ClaimConflict, CoordinatorUnavailable, InvalidInput
 from keepcount.naming import check_node_id
 
 __all__ = ["EtcdClaim", "EtcdCoordinator", "EtcdWatch"]
@@ -236,6 +237,10 @@ class EtcdWatch:
             self._thread.join(10)
 
 
+_grpc_pid: int | None = None
+"""The process that first used gRPC here (see ``EtcdCoordinator``)."""
+
+
 class EtcdCoordinator:
     """Claims as etcd keys bound to leases; see the module docstring.
 
@@ -250,6 +255,16 @@ class EtcdCoordinator:
     def __init__(self, parsed: CoordinatorURL, *, url: str | None = None) -> None:
         if parsed.scheme != "etcd":
             raise ValueError(f"not an etcd URL: {parsed}")
+        global _grpc_pid
+        if _grpc_pid is not None and _grpc_pid != os.getpid():
+            raise InvalidInput(
+                f"cannot use etcd in process {os.getpid()}: it was forked from process "
+                f"{_grpc_pid} after that one used etcd, and gRPC's asyncio client cannot "
+                "work across a fork (its channels never answer in the child).  Open the "
+                "registry in each worker, after the fork (gunicorn without --preload), or "
+                "take slots through ZooKeeper or local locks"
+            )
+        _grpc_pid = os.getpid()
         self.url = url or str(parsed)
         self.parsed = parsed
         self.prefix = (parsed.prefix + "/").encode()
