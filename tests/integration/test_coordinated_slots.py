@@ -16,9 +16,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import coordinators
 import pytest
 
-import coordinators
 import keepcount
 from keepcount import Fenced
 from keepcount.coordination import open_coordinator
