@@ -1,17 +1,18 @@
-"""A Flask app whose requests keepcount counts durably.
+"""A Flask app whose requests keepcount counts durably, in every worker.
 
 Run it from the repository root::
 
-    .venv/bin/flask --app examples/flask_app run --port 5000
-    curl localhost:5000/items/1
-    curl localhost:5000/counts          # this node's request counters
+    .venv/bin/gunicorn -w 4 --max-requests 1000 examples.flask_app:app
+    curl localhost:8000/items/1
+    curl localhost:8000/metrics         # the host's totals, whichever worker answers
+    curl localhost:8000/counts          # the same, as JSON
 
-The store and node id come from ``KEEPCOUNT_STORE`` (default
+Configured only by ``KEEPCOUNT_STORE`` (default
 ``sqlite:///example-counters.db``, a file in the current directory) and
-``KEEPCOUNT_NODE`` (default ``example-1``, as in the other example: run one
-example at a time, or give each its own node id).  One process per node id: with
-several worker processes, give each its own ``KEEPCOUNT_NODE`` (threads
-share the one registry).  Stop it and start it again: the counts carry on.
+``KEEPCOUNT_NODE`` (default ``example-1``), the same for every worker: each
+worker takes a slot of that host (``example-1``, ``example-1@1``, ...) and
+restores it before it serves.  Kill a worker, recycle them, restart the
+server: the totals carry on.
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ import os
 from typing import Any
 
 from flask import Flask, abort
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 import keepcount
-from keepcount.wsgi import KeepcountWSGIMiddleware
+from keepcount.wsgi import KeepcountWSGIMiddleware, make_wsgi_app
 
 STORE = os.environ.get("KEEPCOUNT_STORE", "sqlite:///example-counters.db")
 NODE = os.environ.get("KEEPCOUNT_NODE", "example-1")
 
-# Opened at import, before the app serves: claims the node id and restores its
-# counts.  It is flushed and released at interpreter exit.
+# Opened at import, in each worker: takes a slot of the host and restores it.
+# Flushed and given back when the worker exits (--max-requests, SIGTERM).
 registry = keepcount.open(STORE, node=NODE)
 
 app = Flask(__name__)
@@ -44,17 +46,16 @@ def read_item(item_id: int) -> dict[str, Any]:
 
 @app.get("/counts")
 def counts() -> dict[str, Any]:
-    family = registry.get("http_requests_total")  # declared by the middleware
-    assert family is not None
+    totals = registry.host_totals("http_requests_total")  # every worker's, durable
     return {
-        "node": registry.node,
-        "http_requests_total": [
-            {**dict(zip(family.labelnames, labels, strict=True)), "value": value}
-            for labels, value in family.items()
-        ],
+        "node": registry.host,
+        "worker": registry.node,  # the slot of the worker that answered
+        "http_requests_total": [{**t.labels, "value": t.value} for t in totals],
     }
 
 
-# Each response starts only once its count is durable (durable=True); `app`
-# stays the Flask object, so `flask --app` finds it.
-app.wsgi_app = KeepcountWSGIMiddleware(app.wsgi_app, registry)  # type: ignore[method-assign]
+# Each response starts only once its count is durable (durable=True); /metrics
+# is not counted.  `app` stays the Flask object, so `flask --app` finds it.
+app.wsgi_app = DispatcherMiddleware(  # type: ignore[method-assign]
+    KeepcountWSGIMiddleware(app.wsgi_app, registry), {"/metrics": make_wsgi_app(registry)}
+)
