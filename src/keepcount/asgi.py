@@ -41,7 +41,10 @@ route template and status; errors; latency).  Invariants:
   counted.
 - A label set the registry refuses (a family at its ``max_series`` limit)
   is logged; that response goes on uncounted and does not wait.
-- Lifespan and websocket scopes pass through untouched.
+- Lifespan and websocket scopes pass through, but before the app's
+  ``lifespan.shutdown.complete`` goes out every count is made durable
+  (``registry.commit()``): a graceful stop (SIGTERM) of uvicorn ends the
+  process right after it, without running atexit.
 
 Labels: ``method`` as in ``httpmetrics.method_label``; ``status`` from
 ``http.response.start``; ``route`` is the template of the route the
@@ -133,6 +136,8 @@ class KeepcountMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                send = self._flush_at_shutdown(send)
             await self.app(scope, receive, send)
             return
         exchange = _Exchange(self, scope, send)
@@ -142,6 +147,22 @@ class KeepcountMiddleware:
             await exchange.failed(exc)
             raise
         await exchange.finished()
+
+    def _flush_at_shutdown(self, send: Send) -> Send:
+        """``send`` that makes every count durable before the app's
+        ``lifespan.shutdown.complete`` goes out: a server may end the
+        process right after it (uvicorn re-raises the SIGTERM it caught,
+        so neither atexit nor any finalizer runs)."""
+
+        async def send_after_flush(message: Message) -> None:
+            if message.get("type") == "lifespan.shutdown.complete" and not self.registry.closed:
+                try:
+                    await self.registry.commit()
+                except KeepcountError as exc:
+                    logger.warning("keepcount: counts not durable at shutdown: %s", exc)
+            await send(message)
+
+        return send_after_flush
 
     # -- route templates -------------------------------------------------------
 

@@ -27,6 +27,7 @@ import asyncio
 import atexit
 import json
 import logging
+import multiprocessing.util
 import os
 import threading
 import time
@@ -97,6 +98,7 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     for reg in list(_open_registries):
         reg._after_fork_in_child()
+    _close_at_process_exit()
 
 
 os.register_at_fork(
@@ -114,6 +116,17 @@ def _close_all() -> None:
             reg.close()
         except Exception:  # noqa: S110 - exit must go on
             pass
+
+
+def _close_at_process_exit() -> None:
+    """Also flush where a process ends with ``os._exit`` after its work:
+    a ``multiprocessing`` child (``uvicorn --workers`` runs its workers so)
+    skips atexit but runs multiprocessing's finalizers first.  A forked
+    multiprocessing child clears them, so the fork hook registers again."""
+    multiprocessing.util.Finalize(None, _close_all, exitpriority=100)
+
+
+_close_at_process_exit()
 
 
 @dataclass(frozen=True, slots=True)

@@ -385,9 +385,31 @@ def test_lifespan_and_websocket_pass_through_untouched(reg: Registry) -> None:
     mw = KeepcountMiddleware(app, reg)
     asyncio.run(mw({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
     asyncio.run(mw({"type": "websocket", "path": "/ws", "headers": []}, receive, send))
-    assert seen == [("lifespan", receive, send), ("websocket", receive, send)]
+    assert [(t, r) for t, r, _ in seen] == [("lifespan", receive), ("websocket", receive)]
+    assert seen[1][2] is send  # websockets untouched; lifespan's send flushes at shutdown
     assert out == [{"type": "lifespan.startup.complete"}]
     assert len(reg.get("http_requests_total")) == 0  # type: ignore[arg-type]
+
+
+def test_counts_are_durable_before_lifespan_shutdown_completes(reg: Registry) -> None:
+    """uvicorn ends a worker right after ``lifespan.shutdown.complete`` on
+    SIGTERM (no atexit): the middleware flushes before passing it on."""
+    jobs = reg.counter("jobs_total")
+    durable_then: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        jobs.inc(3)  # counted during shutdown, not yet flushed
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def receive() -> Message:
+        return {"type": "lifespan.shutdown"}
+
+    async def send(message: Message) -> None:
+        durable_then.append(jobs.labels().durable_value)
+
+    asyncio.run(KeepcountMiddleware(app, reg)({"type": "lifespan"}, receive, send))
+    assert durable_then == [3]
 
 
 # -- the example -----------------------------------------------------------------------

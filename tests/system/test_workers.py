@@ -189,10 +189,15 @@ class Load:
             t.start()
             self.threads.append(t)
 
-    def join(self) -> None:
-        self.stop.set()
+    def wait(self) -> None:
+        """Until every client sent its share (or ran out of time)."""
         for t in self.threads:
             t.join(60)
+
+    def join(self) -> None:
+        """Stop the clients now."""
+        self.stop.set()
+        self.wait()
 
 
 @dataclass
@@ -287,9 +292,7 @@ def test_workers_killed_and_recycled_lose_no_acknowledged_request(
         with Scraper(port) as scraper:
             load.start(max_requests=1500, max_seconds=20)
             chaos(server, load, scraper, kills=3, rng=rng)
-            for t in load.threads:
-                t.join(60)
-            load.join()
+            load.wait()
             total = settle(port, load.acked, load.unknown)
         scraper.check_never_backwards()
         assert load.acked > 1000, (load.acked, load.unknown)
@@ -301,7 +304,7 @@ def test_workers_killed_and_recycled_lose_no_acknowledged_request(
         with Scraper(port) as again:
             more = Load(port)
             more.start(max_requests=100, max_seconds=20)
-            more.join()
+            more.wait()
         again.check_never_backwards()
         final = settle(port, load.acked + more.acked, load.unknown + more.unknown)
         assert final >= total + more.acked
@@ -338,3 +341,73 @@ def test_two_hosts_on_one_store_show_their_own_totals(tmp_path: Path, env: dict[
     finally:
         for s in servers:
             s.stop()
+
+
+ASYNC_CASES = {
+    "gunicorn-sync": lambda p, w: gunicorn(p, w, "--max-requests", "200"),
+    "uvicorn-workers": uvicorn,
+}
+
+
+@pytest.mark.parametrize("case", sorted(ASYNC_CASES))
+def test_bounded_async_graceful_stop_and_recycling_flush_everything(
+    case: str, tmp_path: Path, env: dict[str, str]
+) -> None:
+    """Bounded-async mode answers before its counts are durable; workers
+    recycled by ``--max-requests`` and a SIGTERM of the server flush and
+    release their slots on the way out, so nothing answered is lost."""
+    port = free_port()
+    env = {**env, "WORKER_APP_DURABLE": "0"}
+    server = Server(ASYNC_CASES[case](port, 2), port, env, tmp_path / "server.log")
+    try:
+        server.start()
+        load = Load(port)
+        load.start(max_requests=400, max_seconds=20)
+        load.wait()
+        assert load.unknown == 0 and load.acked == 1600
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)  # graceful: the workers exit cleanly
+        assert server.proc.wait(30) == 0, server.log.read_text()[-3000:]
+        store = open_store(env["KEEPCOUNT_STORE"])
+        try:
+            (hit,) = [
+                t for t in cluster_totals(store.read_cluster("http_requests_total"))
+                if t.labels["route"] == ROUTE
+            ]  # fmt: skip
+            records = {r.node: r for r in store.nodes()}
+        finally:
+            store.close()
+        assert hit.value == load.acked  # every answered request, flushed at exit
+        assert len(records) <= 2, records
+        if case.startswith("gunicorn"):  # uvicorn ends its workers by a signal: no atexit
+            assert all(r.released_at is not None for r in records.values()), records
+    finally:
+        server.stop()
+
+
+def test_bounded_async_sigkill_loses_at_most_max_pending_per_worker(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    workers, max_pending = 2, 20
+    port = free_port()
+    env = {**env, "WORKER_APP_DURABLE": "0", "WORKER_APP_MAX_PENDING": str(max_pending)}
+    server = Server(gunicorn(port, workers), port, env, tmp_path / "server.log")
+    try:
+        server.start()
+        load = Load(port)
+        with Scraper(port) as scraper:
+            load.start(max_requests=5000, max_seconds=20)
+            deadline = time.monotonic() + 30
+            while load.acked < 2000:  # kill the server in the middle of the load
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            server.kill_all()
+            load.join()
+        server.start()
+        total, _ = host_total(port)
+        assert load.acked - workers * max_pending <= total <= load.acked + load.unknown, (
+            load.acked, total, load.unknown,
+        )  # fmt: skip
+        assert total >= max(scraper.seen)  # what was shown before is still there
+    finally:
+        server.stop()

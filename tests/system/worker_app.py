@@ -18,6 +18,7 @@ from keepcount.wsgi import KeepcountWSGIMiddleware, make_wsgi_app
 
 registry = keepcount.open(os.environ["KEEPCOUNT_STORE"], node=os.environ["KEEPCOUNT_NODE"])
 DURABLE = os.environ.get("WORKER_APP_DURABLE", "1") == "1"
+MAX_PENDING = int(os.environ.get("WORKER_APP_MAX_PENDING", "1000"))
 
 
 def _hit(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -27,7 +28,11 @@ def _hit(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
 
 
 _counted = KeepcountWSGIMiddleware(
-    _hit, registry, durable=DURABLE, route_for=lambda environ: environ.get("PATH_INFO")
+    _hit,
+    registry,
+    durable=DURABLE,
+    max_pending=MAX_PENDING,
+    route_for=lambda environ: environ.get("PATH_INFO"),
 )
 _metrics = make_wsgi_app(registry)
 
@@ -52,7 +57,11 @@ async def _ahit(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 _acounted = KeepcountMiddleware(
-    _ahit, registry, durable=DURABLE, route_for=lambda scope: scope.get("path")
+    _ahit,
+    registry,
+    durable=DURABLE,
+    max_pending=MAX_PENDING,
+    route_for=lambda scope: scope.get("path"),
 )
 _ametrics = make_asgi_app(registry)
 
