@@ -105,17 +105,16 @@ def label_value(name: str, value: object) -> str:
 
 def check_node_id(node: object) -> str:
     """A node id as stores hold it: a host id, or a slot of one (``web-1@2``)."""
-    if not isinstance(node, str) or not _NODE_ID.fullmatch(node):
-        raise InvalidInput(
-            f"invalid node id {node!r}: 1-63 characters of letters, digits, '_', '.' and '-', "
-            "starting with a letter or digit"
-        )
-    return node
+    return _check_id(node, _NODE_ID)
 
 
 def check_host_id(node: object) -> str:
     """A node id as a user gives it (``KEEPCOUNT_NODE``): no slot suffix."""
-    if not isinstance(node, str) or not _HOST_ID.fullmatch(node):
+    return _check_id(node, _HOST_ID)
+
+
+def _check_id(node: object, pattern: re.Pattern[str]) -> str:
+    if not isinstance(node, str) or not pattern.fullmatch(node):
         raise InvalidInput(
             f"invalid node id {node!r}: 1-63 characters of letters, digits, '_', '.' and '-', "
             "starting with a letter or digit"

@@ -75,6 +75,7 @@ from keepcount.errors import (
     StoreUnavailable,
 )
 from keepcount.naming import check_node_id
+from keepcount.slots import try_lock
 from keepcount.stores.base import (
     ClusterSnapshot,
     FamilyDef,
@@ -445,22 +446,16 @@ class SQLiteStore:
 
     def _lock_node(self, node: str) -> int:
         lockdir = self.path.with_name(self.path.name + "-locks")
-        path = lockdir / f"{node}.lock"
+        path = lockdir / f"{node}.lock"  # the same file as slot 0 of a host (keepcount.slots)
         try:
             lockdir.mkdir(exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise StoreUnavailable(f"cannot open lock file {path}: {exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
+            raise StoreUnavailable(f"cannot make lock directory {lockdir}: {exc}") from exc
+        fd = try_lock(path)
+        if isinstance(fd, str):
             raise ClaimConflict(
-                f"node {node!r} is already claimed on {self.path} by {holder} (lock {path})"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+                f"node {node!r} is already claimed on {self.path} by {fd} (lock {path})"
+            )
         return fd
 
     def load(self, node: str) -> Snapshot:
