@@ -49,6 +49,14 @@ its holder reads and bumps the slot's epoch.
 
 from __future__ import annotations
 
+# Before keepcount.registry registers its fork hooks (it imports this module
+# first): concurrent.futures.thread holds a global lock across fork() and
+# frees it in the child with a hook of its own; hooks run after a fork in the
+# order they were registered, so if that module were first imported later
+# (by the Cassandra driver, lazily) the registry's hook, which opens the
+# store again (a driver's ThreadPoolExecutor.submit), would wait for that
+# lock forever, in the child and in a parent that counted.
+import concurrent.futures.thread  # noqa: F401 - imported for its fork hooks
 import contextlib
 import fcntl
 import hashlib
@@ -87,6 +95,7 @@ __all__ = [
     "slot_id",
     "slot_index",
     "take_slot",
+    "try_lock",
 ]
 
 SLOT_SEPARATOR = "@"
@@ -217,10 +226,10 @@ def take_slot(directory: Path, host: str, max_slots: int = DEFAULT_MAX_SLOTS) ->
     holders = []
     for index in range(max_slots):
         path = directory / f"{slot_id(host, index)}.lock"
-        fd = _try_lock(path)
+        fd = try_lock(path)
         if isinstance(fd, int):
             return SlotLock(host, index, path, fd)
-        holders.append(fd)
+        holders.append(f"{path.stem} by {fd}")
     if max_slots == 1:
         raise ClaimConflict(f"node {host!r} is already claimed: {holders[0]} (lock {path})")
     shown = "; ".join(holders[:4]) + (" ..." if len(holders) > 4 else "")
@@ -230,8 +239,9 @@ def take_slot(directory: Path, host: str, max_slots: int = DEFAULT_MAX_SLOTS) ->
     )
 
 
-def _try_lock(path: Path) -> int | str:
-    """The locked descriptor, or a description of the live holder."""
+def try_lock(path: Path) -> int | str:
+    """Lock ``path`` (an exclusive ``flock``, made if missing): the locked
+    descriptor, or a description of the live holder ("pid N on host")."""
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -242,7 +252,7 @@ def _try_lock(path: Path) -> int | str:
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a live process"
             os.close(fd)
-            return f"{path.stem} by {holder}"
+            return holder
         # The file may have been unlinked and made again between open and
         # flock (a cleaner of the temp dir): a lock on an unlinked file
         # excludes nobody, so lock the file that is there now.
