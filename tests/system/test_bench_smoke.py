@@ -72,3 +72,36 @@ def test_bench_durable_reports_group_commit(tmp_path: Path) -> None:
     assert notes["flushes"] > 0
     assert notes["increments"] >= notes["flushes"]
     assert notes["writers"] == 64
+
+
+def test_bench_workers_quick_keeps_every_durable_count(tmp_path: Path) -> None:
+    """`keepcount bench workers --quick`: gunicorn -w 2, sane figures, and keepcount
+    durable still shows every acknowledged request after a SIGKILL of the whole server."""
+    if shutil.which("wrk") is None:
+        pytest.fail(f"wrk not found: {INSTALL}")
+    if not Path(sys.executable).with_name("gunicorn").exists():
+        pytest.fail("gunicorn not found next to the interpreter: run scripts/setup.sh")
+    out = tmp_path / "w.json"
+    proc = subprocess.run(
+        [*_keepcount(), "bench", "workers", "--quick", "--backends",
+         "multiprocess,keepcount-durable", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    result = json.loads(out.read_text())["benchmarks"]["workers"]
+    assert result["notes"]["workers"] == 2
+    rows = {r["backend"]: r for r in result["notes"]["rows"]}
+    assert sorted(rows) == ["keepcount-durable", "multiprocess"]
+    for backend, row in rows.items():
+        assert row["req_s"] > 0, backend
+        assert row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"], backend
+        assert row["non_2xx"] == 0 and row["socket_errors"] == 0, backend
+    durable = rows["keepcount-durable"]["crash"]
+    assert durable["acknowledged"] == durable["sent"] > 0
+    assert durable["after_restart"] == durable["acknowledged"], durable
+    # prometheus_client's directory is wiped on restart, as its docs require.
+    assert rows["multiprocess"]["crash"]["after_restart"] == 0
+    assert any(c["target"] for c in result["comparisons"])
