@@ -24,22 +24,19 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import atexit
 import json
 import logging
-import multiprocessing.util
 import os
 import threading
 import time
-import weakref
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from keepcount.binding import SlotBinding, Slots, registries
 from keepcount.commit import DEFAULT_FLUSH_INTERVAL, DEFAULT_IDEMPOTENCY_TTL, GroupCommit, _copy
 from keepcount.errors import (
-    DefinitionConflict,
     InvalidInput,
     KeepcountError,
     RegistryClosed,
@@ -63,7 +60,6 @@ from keepcount.slots import (
     Hold,
     LockClaimer,
     host_of,
-    next_epoch,
 )
 from keepcount.stores import open_store
 from keepcount.stores.base import (
@@ -79,54 +75,6 @@ from keepcount.totals import SeriesTotal, cluster_totals
 __all__ = ["Receipt", "Registry", "open"]
 
 log = logging.getLogger("keepcount.registry")
-
-_open_registries: weakref.WeakSet[Registry] = weakref.WeakSet()
-_inherited: list[object] = []
-"""Stores a forked child inherited and must never use nor close (the parent's)."""
-
-
-def _before_fork() -> None:
-    for reg in list(_open_registries):
-        reg._before_fork()
-
-
-def _after_fork_in_parent() -> None:
-    for reg in list(_open_registries):
-        reg._after_fork_in_parent()
-
-
-def _after_fork_in_child() -> None:
-    for reg in list(_open_registries):
-        reg._after_fork_in_child()
-    _close_at_process_exit()
-
-
-os.register_at_fork(
-    before=_before_fork,
-    after_in_parent=_after_fork_in_parent,
-    after_in_child=_after_fork_in_child,
-)
-
-
-@atexit.register
-def _close_all() -> None:
-    # Normal interpreter exit flushes; only a crash loses the last interval.
-    for reg in list(_open_registries):
-        try:
-            reg.close()
-        except Exception:  # noqa: S110 - exit must go on
-            pass
-
-
-def _close_at_process_exit() -> None:
-    """Also flush where a process ends with ``os._exit`` after its work:
-    a ``multiprocessing`` child (``uvicorn --workers`` runs its workers so)
-    skips atexit but runs multiprocessing's finalizers first.  A forked
-    multiprocessing child clears them, so the fork hook registers again."""
-    multiprocessing.util.Finalize(None, _close_all, exitpriority=100)
-
-
-_close_at_process_exit()
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,21 +140,13 @@ def open(  # noqa: A001 - the public name in DESIGN §3
             if coordinator is None
             else CoordinatorClaimer(coordinator, max_slots)
         )
-        return Registry(store, node, slots=_Slots(url, claimer), **options)
+        return Registry(store, node, slots=Slots(url, claimer), **options)
     except BaseException:
         store.close()
         raise
 
 
-@dataclass(frozen=True, slots=True)
-class _Slots:
-    """Where a host registry finds its slots (``keepcount.slots``)."""
-
-    url: str
-    claimer: Claimer
-
-
-class Registry:
+class Registry(SlotBinding):
     """A node's counters and histograms, backed by a store.
 
     Thread-safe; ``inc()`` never does I/O.  Use ``await commit()`` in asyncio
@@ -241,7 +181,7 @@ class Registry:
         max_children: int | None = DEFAULT_MAX_CHILDREN,
         epoch: int | None = None,
         idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
-        slots: _Slots | None = None,
+        slots: Slots | None = None,
     ) -> None:
         self.host = check_host_id(node) if slots is not None else check_node_id(node)
         """The node id the registry was opened with (the host, for slots)."""
@@ -276,7 +216,7 @@ class Registry:
             if error is not None:
                 raise error
         self._group.start()
-        _open_registries.add(self)
+        registries.add(self)
 
     def _new_group(self) -> GroupCommit:
         old = getattr(self, "_group", None)
@@ -305,65 +245,6 @@ class Registry:
             self.store.release(self.node, self.epoch)
             raise
         self._restored(snapshot, started)
-
-    def _bind_slot(self) -> KeepcountError | None:
-        """Take the lowest free slot, claim it with the next epoch, add its
-        stored values to what was counted since the last unbind (no lock
-        held: I/O).  The error, or None once bound."""
-        assert self._slots is not None
-        with self._bind_lock:  # the flusher and a fork hook may both try
-            if self._slot_lock is not None:
-                return None
-            return self._take_slot()
-
-    def _take_slot(self) -> KeepcountError | None:
-        assert self._slots is not None
-        started = time.perf_counter()
-        try:
-            if not self._store_open:
-                self.store = open_store(self._slots.url)
-                self._store_open = True
-            store = self.store
-            lock = self._slots.claimer.take(self.host)
-            try:
-                node = lock.node
-                epoch = store.claim(node, lock.epoch or next_epoch(store, node))
-                try:
-                    snapshot = store.load(node)
-                    with self._lock:
-                        self._apply(snapshot)
-                        self.node, self.epoch, self._slot_lock = node, epoch, lock
-                        self._group.node = node
-                except BaseException:
-                    store.release(node, epoch)
-                    raise
-            except BaseException:
-                lock.release()
-                raise
-        except KeepcountError as exc:
-            log.warning("node %s: cannot take a slot: %s", self.host, exc)
-            return exc
-        self._restored(snapshot, started)
-        return None
-
-    def _apply(self, snapshot: Snapshot) -> None:
-        """Add a slot's stored values to the families (lock held).  Every
-        family the slot lacks is written to it with the next flush."""
-        for name, definition in snapshot.families.items():
-            values = snapshot.values.get(name, {})
-            family = self._families.get(name)
-            if family is None:
-                self._families[name] = self._family(definition, values, self.max_children)
-            elif not family.definition.same_shape(definition):
-                raise DefinitionConflict(
-                    f"{name}: node {self.host!r} stores it as a {definition.kind} with labels "
-                    f"{list(definition.labelnames)}, this process declared it otherwise"
-                )
-            else:
-                family._add_stored(values)
-        for name, family in self._families.items():
-            if name not in snapshot.families and family not in self._group.meta_dirty:
-                self._group.meta_dirty.append(family)
 
     def _restored(self, snapshot: Snapshot, started: float) -> None:
         self.restored_series = snapshot.series_count()
@@ -555,17 +436,6 @@ class Registry:
         snapshot.rows = [r for r in snapshot.rows if host_of(r[0]) == host]
         return cluster_totals(snapshot)
 
-    def _read_store(self) -> Store:
-        """The store, to read (a parent that gave its slot back at a fork
-        opens it again, without taking a slot)."""
-        self._check_open()
-        with self._bind_lock:
-            if not self._store_open:
-                assert self._slots is not None
-                self.store = open_store(self._slots.url)
-                self._store_open = True
-        return self.store
-
     # -- closing ----------------------------------------------------------------
 
     def close(self) -> None:
@@ -578,109 +448,12 @@ class Registry:
             if self._closed:
                 return
             self._closed = True
-        _open_registries.discard(self)
+        registries.discard(self)
         error = self._group.close()
         bound = self._slots is None or self._slot_lock is not None
         self._give_back(released=self._group.fatal is None and bound)
         if error is not None:
             raise error
-
-    def _give_back(self, *, released: bool) -> None:
-        """Release the claim (if ``released``) and the slot, close the store."""
-        try:
-            if released and self._store_open:
-                self.store.release(self.node, self.epoch)
-        finally:
-            if self._slot_lock is not None:
-                self._slot_lock.release()
-                self._slot_lock = None
-            if self._slots is not None:
-                self._slots.claimer.close()
-            if self._store_open:
-                self._store_open = False
-                self.store.close()
-
-    # -- forks -------------------------------------------------------------------
-
-    def _before_fork(self) -> None:
-        """In the parent, just before ``fork()``: stop the flusher (it flushes
-        what is pending), give the slot back and close the store, so nothing
-        that cannot cross a fork is there (see the class docstring).  Then
-        hold the lock so no thread of the parent is inside an update as the
-        child is made."""
-        self._fork_restart = False
-        self._counted_before_fork = False
-        if self._slots is not None and not self._closed and self._group.fatal is None:
-            self._counted_before_fork = self._group.counted or bool(self._group.dirty)
-            error = self._group.close()
-            self._fork_restart = True
-            bound = self._slot_lock is not None
-            if bound and (error is not None or self._group.fatal is not None):
-                # Not all durable: keep the slot; the child keeps off it.
-                log.warning("node %s: flush before fork failed: %s", self.node, error)
-            else:
-                self._give_back(released=bound)
-                if bound:
-                    with self._lock:
-                        for family in self._families.values():
-                            family._zero()
-        self._lock.acquire()
-
-    def _after_fork_in_parent(self) -> None:
-        self._lock.release()
-        if not self._fork_restart:
-            return
-        self._restart_group(unbound=self._slot_lock is None)
-        if self._group.unbound and self._counted_before_fork:
-            self._bind_now()  # a process that counts keeps a slot
-
-    def _after_fork_in_child(self) -> None:
-        self._lock.release()
-        if self._closed:
-            return
-        if self._store_open:
-            _inherited.append(self.store)  # the parent's: never used nor closed here
-            forget = getattr(self.store, "forget_claims", None)
-            if forget is not None:
-                forget()
-            if self._slot_lock is not None:
-                self._slot_lock.forget()
-                self._slot_lock = None
-            if self._slots is not None:
-                self._slots.claimer.forget()
-            self._store_open = False
-        if self._slots is None or self._group.fatal is not None:
-            fatal = self._group.fatal or RegistryClosed(
-                f"the registry of node {self.node!r} was opened in process {self._pid}, "
-                "which this process forked from: open it in this process, or use "
-                "keepcount.open(url, node), which gives each process a slot"
-            )
-            self._group = self._new_group()
-            self._group._fatal = fatal
-            return
-        # The parent's counts are the parent's: start from zero, then add the
-        # stored values of the slot this process takes.
-        with self._lock:
-            for family in self._families.values():
-                family._zero()
-            for child in self._group.dirty:
-                child._dirty = False
-            self._group.dirty.clear()
-        self._pid = os.getpid()
-        self._restart_group(unbound=True)
-        self._bind_now()  # restore before serving
-
-    def _bind_now(self) -> None:
-        """Take a slot at once rather than with the next flush.  The group
-        stays ``unbound`` until its flusher sees the slot (its ``bind()`` is
-        then a no-op) and clears the flag as it starts that flush: only the
-        flusher may, or a ``commit_sync()`` could start a flush beside it."""
-        self._bind_slot()
-
-    def _restart_group(self, *, unbound: bool) -> None:
-        self._group = self._new_group()
-        self._group.unbound = unbound
-        self._group.start()
 
     async def aclose(self) -> None:
         """``close()`` without blocking the event loop."""

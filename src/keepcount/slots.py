@@ -49,14 +49,6 @@ its holder reads and bumps the slot's epoch.
 
 from __future__ import annotations
 
-# Before keepcount.registry registers its fork hooks (it imports this module
-# first): concurrent.futures.thread holds a global lock across fork() and
-# frees it in the child with a hook of its own; hooks run after a fork in the
-# order they were registered, so if that module were first imported later
-# (by the Cassandra driver, lazily) the registry's hook, which opens the
-# store again (a driver's ThreadPoolExecutor.submit), would wait for that
-# lock forever, in the child and in a parent that counted.
-import concurrent.futures.thread  # noqa: F401 - imported for its fork hooks
 import contextlib
 import fcntl
 import hashlib
