@@ -187,6 +187,60 @@ _HOSTPORT = re.compile(r"[A-Za-z0-9.-]+:\d{1,5}|\[[0-9A-Fa-f:]+\]:\d{1,5}")
 _INSTALL = "pip install 'keepcount[bigtable]'  (or: scripts/setup.sh)"
 _ENV_LOCK = threading.Lock()  # the client library reads EMULATOR_ENV when built
 
+GRPC_SHUTDOWN_WAIT = 2.0
+"""Seconds ``close()`` of the process's last store waits at most for gRPC
+to stop its threads (``_await_grpc_shutdown``)."""
+_GRPC_THREADS = ("grpc", "event_engine", "lifeguard")  # names gRPC core gives its threads
+_open_clients = 0  # data clients of this module open in the process (under _ENV_LOCK)
+
+
+def _grpc_threads() -> list[str] | None:
+    """The names of gRPC core's own threads in this process, or None where
+    ``/proc`` cannot tell."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    names = []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                name = f.read().strip()
+        except OSError:  # that thread just ended
+            continue
+        if name.startswith(_GRPC_THREADS):
+            names.append(name)
+    return sorted(names)
+
+
+def _await_grpc_shutdown(timeout: float = GRPC_SHUTDOWN_WAIT) -> None:
+    """Wait until gRPC has stopped its threads after its last channel closed.
+
+    gRPC shuts its core down on threads of its own, a few milliseconds after
+    the last ``close()`` returned.  A ``fork()`` in that moment deadlocks:
+    the parent in gRPC's own pre-fork handler, or the child on its first
+    channel.  And the registry closes its store just before a fork, for the
+    child to open one of its own (``keepcount.registry``).  Returns early
+    when the threads stay up with no shutdown under way: another gRPC user
+    in the process keeps the core running.
+    """
+    deadline = time.monotonic() + timeout
+    last: list[str] | None = None
+    since = time.monotonic()
+    while True:
+        names = _grpc_threads()
+        if not names:  # gone (or no /proc to tell)
+            return
+        now = time.monotonic()
+        if names != last or "grpc_shutdown" in names:
+            last, since = names, now
+        elif now - since >= 0.1:
+            return  # steady: the core stays up for someone else
+        if now >= deadline:
+            log.debug("gRPC threads still running %.1f s after the last close: %s", timeout, names)
+            return
+        time.sleep(0.001)
+
 
 @dataclass(frozen=True)
 class BigtableURL:
@@ -394,6 +448,9 @@ class BigtableStore:
             self._client = self._data_client(data)
         except Exception as exc:
             raise _translate(exc, f"{self._where}: cannot open") from exc
+        global _open_clients
+        with _ENV_LOCK:
+            _open_clients += 1
         try:
             self._table = self._client.get_table(
                 loc.instance,
@@ -1005,6 +1062,7 @@ class BigtableStore:
             raise StoreUnavailable(f"{self._where} is closed")
 
     def _shutdown(self) -> None:
+        global _open_clients
         if self._pool is not None:
             self._pool.shutdown(wait=False)
         try:
@@ -1016,6 +1074,11 @@ class BigtableStore:
                 self._admin.transport.close()
             except Exception as exc:
                 log.debug("%s: closing the admin client: %r", self._where, exc)
+        with _ENV_LOCK:
+            _open_clients -= 1
+            last = _open_clients == 0
+        if last:
+            _await_grpc_shutdown()  # the process may fork next (keepcount.registry)
 
     def close(self) -> None:
         with self._lock:

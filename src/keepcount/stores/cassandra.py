@@ -250,12 +250,20 @@ class CassandraStore:
             )
         for stmt in _SCHEMA:
             s.execute(stmt.format(ks=ks))
-        s.execute(f"INSERT INTO {ks}.meta (name, val) VALUES ('format', 'keepcount') IF NOT EXISTS")
-        s.execute(
-            f"INSERT INTO {ks}.meta (name, val) VALUES ('format_version', %s) IF NOT EXISTS",
-            (str(FORMAT_VERSION),),
-        )
         meta = dict(s.execute(f"SELECT name, val FROM {ks}.meta"))
+        if "format" not in meta or "format_version" not in meta:
+            # A new store: marked with lightweight transactions, so concurrent
+            # first opens agree.  Not at every open: processes opening at once
+            # (a host's workers starting) contend on them, and some would fail
+            # ("CAS operation result is unknown").
+            s.execute(
+                f"INSERT INTO {ks}.meta (name, val) VALUES ('format', 'keepcount') IF NOT EXISTS"
+            )
+            s.execute(
+                f"INSERT INTO {ks}.meta (name, val) VALUES ('format_version', %s) IF NOT EXISTS",
+                (str(FORMAT_VERSION),),
+            )
+            meta = dict(s.execute(f"SELECT name, val FROM {ks}.meta"))
         if meta.get("format") != "keepcount":
             raise CorruptStore(f"store {self.url}: keyspace {ks} is not a keepcount store")
         if meta.get("format_version") != str(FORMAT_VERSION):
