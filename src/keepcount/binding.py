@@ -50,6 +50,10 @@ __all__ = ["SlotBinding", "registries"]
 
 log = logging.getLogger("keepcount.registry")
 
+CREATED_WAIT_AT_FORK = 10.0
+"""Seconds a fork waits for the restored series' created times to load
+(a million series load in about a second) before it closes the store."""
+
 registries: weakref.WeakSet[Any] = weakref.WeakSet()
 """Every open registry of this process: closed at exit, carried across forks."""
 inherited: list[object] = []
@@ -127,6 +131,7 @@ class SlotBinding:
     _group: GroupCommit
     _families: dict[str, MetricFamily[Any]]
     _closed: bool
+    _created: threading.Event
 
     def _family(
         self, definition: FamilyDef, values: dict[str, SeriesValue], limit: int | None
@@ -241,6 +246,9 @@ class SlotBinding:
             self._counted_before_fork = self._group.counted or bool(self._group.dirty)
             error = self._group.close()
             self._fork_restart = True
+            # The restored series' created times may still be loading, on a
+            # thread inside the store's client: let it finish first.
+            self._created.wait(CREATED_WAIT_AT_FORK)
             bound = self._slot_lock is not None
             if bound and (error is not None or self._group.fatal is not None):
                 # Not all durable: keep the slot; the child keeps off it.

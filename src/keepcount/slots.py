@@ -125,8 +125,19 @@ def lock_dir(url: str) -> Path:
     base = os.environ.get("KEEPCOUNT_LOCK_DIR") or os.path.join(
         tempfile.gettempdir(), f"keepcount-locks-{os.getuid()}"
     )
-    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(_canonical(url).encode()).hexdigest()[:16]
     return Path(base) / digest
+
+
+def _canonical(url: str) -> str:
+    """One spelling per store: the scheme lowercased and a host list sorted
+    (``cassandra://b,a/ks`` and ``cassandra://a,b/ks`` name one store, and
+    must share one lock directory or two live processes could share a slot)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    hosts, slash, tail = rest.partition("/")
+    return f"{scheme.lower()}://{','.join(sorted(hosts.lower().split(',')))}{slash}{tail}"
 
 
 class Hold(Protocol):

@@ -806,3 +806,12 @@ def test_a_counting_parent_forks_again_and_again(url: str) -> None:
     (end,) = [a for a in answers if "total" in a]
     assert end["total"] == forks * 11, end
     assert len(slot_nodes(url)) <= 2, "one worker at a time beside the parent: two slots"
+
+
+def test_one_lock_directory_per_store_however_its_url_is_spelled(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("KEEPCOUNT_LOCK_DIR", str(tmp_path))
+    assert lock_dir("cassandra://b,a/ks") == lock_dir("CASSANDRA://a,B/ks")
+    assert lock_dir("cassandra://a,b/ks") != lock_dir("cassandra://a,b/other")
+    assert lock_dir("sqlite:////x/c.db") == Path("/x/c.db-locks")
