@@ -20,7 +20,8 @@ none), counters as ``<base>_total`` and histograms as ``_bucket`` /
 ``per_worker=True`` every series is split by the label ``keepcount_slot``
 (``web-1``, ``web-1@1``, ...) instead of summed.
 
-Cost: one read of the host's rows per scrape.  Scrapes in one process are
+Cost: one read of the host's rows per scrape (``totals.host_snapshot``:
+each slot's rows, nothing of other hosts on the same store).  Scrapes in one process are
 served one read at a time, and a scrape that waited for a read which began
 after it arrived takes that read's answer: it holds everything acknowledged
 before the scrape arrived, so a scraper never sees a total lower than one it
@@ -48,9 +49,8 @@ from prometheus_client.utils import floatToGoString
 from keepcount.exposition import _choose_encoder, missing_help
 from keepcount.metrics import HistogramValue
 from keepcount.registry import Registry
-from keepcount.slots import host_of
 from keepcount.stores.base import FamilyDef
-from keepcount.totals import SeriesTotal, cluster_totals
+from keepcount.totals import SeriesTotal, cluster_totals, host_snapshot
 
 __all__ = ["SLOT_LABEL", "HostView"]
 
@@ -91,10 +91,8 @@ class HostView:
                 return last  # began after this scrape arrived: as fresh as its own
             started = time.monotonic()
             registry = self.registry
-            snapshot = registry._read_store().read_cluster()
-            host = registry.host
-            nodes = {n for n in snapshot.families if host_of(n) == host}
-            snapshot.rows = [r for r in snapshot.rows if r[0] in nodes]
+            snapshot = host_snapshot(registry._read_store(), registry.host)
+            nodes = set(snapshot.families)
             definitions: dict[str, FamilyDef] = {}
             for node in sorted(nodes):
                 for name, definition in snapshot.families[node].items():

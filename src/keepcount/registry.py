@@ -59,7 +59,6 @@ from keepcount.slots import (
     CoordinatorClaimer,
     Hold,
     LockClaimer,
-    host_of,
 )
 from keepcount.stores import open_store
 from keepcount.stores.base import (
@@ -70,7 +69,7 @@ from keepcount.stores.base import (
     Snapshot,
     Store,
 )
-from keepcount.totals import SeriesTotal, cluster_totals
+from keepcount.totals import SeriesTotal, cluster_totals, host_snapshot
 
 __all__ = ["Receipt", "Registry", "open"]
 
@@ -431,10 +430,7 @@ class Registry(SlotBinding):
         """Totals over this registry's host: every slot of it (``host``,
         ``host@1``, ...), dead ones too, from durable values.  Each total's
         ``nodes`` holds the slots' parts.  Reads the store, as ``cluster()``."""
-        snapshot = self._read_store().read_cluster(name)
-        host = self.host
-        snapshot.rows = [r for r in snapshot.rows if host_of(r[0]) == host]
-        return cluster_totals(snapshot)
+        return cluster_totals(host_snapshot(self._read_store(), self.host, name))
 
     # -- closing ----------------------------------------------------------------
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from keepcount.metrics import HistogramValue, decode_label_key
-from keepcount.stores.base import ClusterSnapshot, FamilyDef
+from keepcount.slots import host_of
+from keepcount.stores.base import ClusterSnapshot, FamilyDef, Store
 
-__all__ = ["SeriesTotal", "cluster_totals"]
+__all__ = ["SeriesTotal", "cluster_totals", "host_snapshot"]
 
 
 @dataclass(slots=True)
@@ -67,3 +68,23 @@ def _add(a: int | HistogramValue, b: int | HistogramValue) -> int | HistogramVal
         return a + b
     assert isinstance(a, HistogramValue) and isinstance(b, HistogramValue)
     return HistogramValue([x + y for x, y in zip(a.counts, b.counts, strict=True)], a.sum + b.sum)
+
+
+def host_snapshot(store: Store, host: str, name: str | None = None) -> ClusterSnapshot:
+    """The rows of every slot of ``host`` (``keepcount.slots``), dead ones
+    too, and nothing of other hosts: a host's scrape costs its own rows,
+    however many hosts share the store.  Each slot is read on its own; as
+    its values only grow, sums over such reads only grow too."""
+    snap = ClusterSnapshot()
+    for record in store.nodes():
+        if host_of(record.node) != host:
+            continue
+        stored = store.load(record.node)
+        families = stored.families if name is None else {
+            n: d for n, d in stored.families.items() if n == name
+        }  # fmt: skip
+        snap.families[record.node] = families
+        for fname in families:
+            for key, value in stored.values.get(fname, {}).items():
+                snap.rows.append((record.node, fname, key, value))
+    return snap
