@@ -161,10 +161,7 @@ class SlotBinding:
         assert self._slots is not None
         started = time.perf_counter()
         try:
-            if not self._store_open:
-                self.store = open_store(self._slots.url)
-                self._store_open = True
-            store = self.store
+            store = self._open_store()
             lock = self._slots.claimer.take(self.host)
             try:
                 node = lock.node
@@ -211,11 +208,21 @@ class SlotBinding:
         opens it again, without taking a slot)."""
         self._check_open()
         with self._bind_lock:
-            if not self._store_open:
-                assert self._slots is not None
-                self.store = open_store(self._slots.url)
-                self._store_open = True
+            return self._open_store()
+
+    def _open_store(self) -> Store:
+        """The store, opened again if it was closed at a fork (``_bind_lock`` held)."""
+        if not self._store_open:
+            assert self._slots is not None
+            self.store = open_store(self._slots.url)
+            self._store_open = True
         return self.store
+
+    def _zero(self) -> None:
+        """Every value back to zero (lock held): what a slot holds is added
+        when one is taken."""
+        for family in self._families.values():
+            family._zero()
 
     def _give_back(self, *, released: bool) -> None:
         """Release the claim (if ``released``) and the slot, close the store."""
@@ -257,8 +264,7 @@ class SlotBinding:
                 self._give_back(released=bound)
                 if bound:
                     with self._lock:
-                        for family in self._families.values():
-                            family._zero()
+                        self._zero()
         self._lock.acquire()
 
     def _after_fork_in_parent(self) -> None:
@@ -267,7 +273,7 @@ class SlotBinding:
             return
         self._restart_group(unbound=self._slot_lock is None)
         if self._group.unbound and self._counted_before_fork:
-            self._bind_now()  # a process that counts keeps a slot
+            self._bind_slot()  # a process that counts keeps a slot
 
     def _after_fork_in_child(self) -> None:
         self._lock.release()
@@ -275,9 +281,6 @@ class SlotBinding:
             return
         if self._store_open:
             inherited.append(self.store)  # the parent's: never used nor closed here
-            forget = getattr(self.store, "forget_claims", None)
-            if forget is not None:
-                forget()
             if self._slot_lock is not None:
                 self._slot_lock.forget()
                 self._slot_lock = None
@@ -296,21 +299,18 @@ class SlotBinding:
         # The parent's counts are the parent's: start from zero, then add the
         # stored values of the slot this process takes.
         with self._lock:
-            for family in self._families.values():
-                family._zero()
+            self._zero()
             for child in self._group.dirty:
                 child._dirty = False
             self._group.dirty.clear()
         self._pid = os.getpid()
         self._restart_group(unbound=True)
-        self._bind_now()  # restore before serving
+        self._bind_slot()  # restore before serving
 
-    def _bind_now(self) -> None:
-        """Take a slot at once rather than with the next flush.  The group
-        stays ``unbound`` until its flusher sees the slot (its ``bind()`` is
-        then a no-op) and clears the flag as it starts that flush: only the
-        flusher may, or a ``commit_sync()`` could start a flush beside it."""
-        self._bind_slot()
+    # A slot taken at once (above) rather than by the next flush leaves the
+    # group ``unbound`` until its flusher sees the slot (its ``bind()`` is then
+    # a no-op) and clears the flag as it starts that flush: only the flusher
+    # may, or a ``commit_sync()`` could start a flush beside it.
 
     def _restart_group(self, *, unbound: bool) -> None:
         self._group = self._new_group()

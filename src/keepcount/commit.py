@@ -223,10 +223,10 @@ class GroupCommit:
         """Called (no lock held) before a flush while ``unbound``; returns
         the error that fails the flush, or None once bound."""
         self.unbound = False
+        """The registry holds no slot yet: the next flush binds it first."""
         self.check = check
         """Called (no lock held) after each successful write: the error that
         keeps the flush from being acknowledged, or None (a claim's trust)."""
-        """The registry holds no slot yet: the next flush binds it first."""
         self._queued: list[Keyed] = []  # keyed deltas for the next flush
         self._replies: dict[asyncio.AbstractEventLoop, list[tuple[Any, KeyedOutcome]]] = {}
         self.node = node

@@ -40,13 +40,12 @@ from dataclasses import dataclass
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from keepcount.exposition import _choose_encoder, missing_help
+from keepcount.exposition import _choose_encoder, _HistogramFamily, missing_help
 from keepcount.metrics import HistogramValue
 from keepcount.registry import Registry
 from keepcount.stores.base import FamilyDef
@@ -92,14 +91,14 @@ class HostView:
             started = time.monotonic()
             registry = self.registry
             snapshot = host_snapshot(registry._read_store(), registry.host)
-            nodes = set(snapshot.families)
             definitions: dict[str, FamilyDef] = {}
-            for node in sorted(nodes):
+            for node in sorted(snapshot.families):
                 for name, definition in snapshot.families[node].items():
                     definitions.setdefault(name, definition)
                     if definition.help and not definitions[name].help:
                         definitions[name] = definition
-            self._last = _Read(started, cluster_totals(snapshot), definitions, len(nodes))
+            slots = len(snapshot.families)
+            self._last = _Read(started, cluster_totals(snapshot), definitions, slots)
             return self._last
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
@@ -129,29 +128,23 @@ class _Collector:
                 metric = (
                     CounterMetricFamily(total.name, help_, labels=labelnames)
                     if total.kind == "counter"
-                    else HistogramMetricFamily(total.name, help_, labels=labelnames)
+                    else _HistogramFamily(total.name, help_, labels=labelnames)
                 )
                 families[group] = metric
             labels = [total.labels[n] for n in definition.labelnames]
             parts = sorted(total.nodes.items()) if per_worker else [("", total.value)]
+            bounds = [floatToGoString(b) for b in total.buckets]  # type: ignore[no-untyped-call]  # () for a counter
             for slot, value in parts:
-                values = [*labels, slot] if per_worker else labels
-                _add(metric, values, value, total.buckets)
+                values = tuple([*labels, slot] if per_worker else labels)
+                if isinstance(metric, _HistogramFamily):
+                    assert isinstance(value, HistogramValue)
+                    metric.add_histogram(values, bounds, value, None)
+                else:
+                    assert isinstance(metric, CounterMetricFamily) and isinstance(value, int)
+                    metric.add_metric(values, value)
         yield from (families[g] for g in sorted(families))
         yield GaugeMetricFamily(
             "keepcount_host_slots",
             "Slots (worker processes ever alive at once) the host has in the store.",
             read.slots,
         )
-
-
-def _add(
-    metric: Metric, labels: list[str], value: int | HistogramValue, buckets: tuple[float, ...]
-) -> None:
-    if isinstance(metric, CounterMetricFamily):
-        assert isinstance(value, int)
-        metric.add_metric(labels, value)
-    else:
-        assert isinstance(metric, HistogramMetricFamily) and isinstance(value, HistogramValue)
-        bounds = [floatToGoString(b) for b in buckets]  # type: ignore[no-untyped-call]
-        metric.add_metric(labels, list(zip(bounds, value.cumulative(), strict=True)), value.sum)

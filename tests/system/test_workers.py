@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from keepcount.nodeproc import free_port
+from keepcount.nodeproc import free_port, http_get
 from keepcount.slots import host_of
 from keepcount.stores import open_store
 from keepcount.totals import cluster_totals
@@ -122,14 +122,8 @@ def _wait_gone(pid: int, timeout: float = 10) -> None:
         time.sleep(0.01)
 
 
-def get(port: int, path: str, timeout: float = 5) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+def get(port: int, path: str) -> tuple[int, bytes]:
+    return http_get("127.0.0.1", port, path, timeout=5)
 
 
 _SAMPLE = re.compile(r'^http_requests_total\{[^}]*route="/hit"[^}]*\} (\S+)$', re.M)
