@@ -127,6 +127,7 @@ class SlotBinding:
     _store_open: bool
     _pid: int
     _fork_restart: bool
+    _started: bool
     _counted_before_fork: bool
     _group: GroupCommit
     _families: dict[str, MetricFamily[Any]]
@@ -249,7 +250,9 @@ class SlotBinding:
         child is made."""
         self._fork_restart = False
         self._counted_before_fork = False
-        if self._slots is not None and not self._closed and self._group.fatal is None:
+        if not self._started:
+            pass  # open_lazily, never used: parent and child each start on first use
+        elif self._slots is not None and not self._closed and self._group.fatal is None:
             self._counted_before_fork = self._group.counted or bool(self._group.dirty)
             error = self._group.close()
             self._fork_restart = True
@@ -277,7 +280,7 @@ class SlotBinding:
 
     def _after_fork_in_child(self) -> None:
         self._lock.release()
-        if self._closed:
+        if self._closed or not self._started:
             return
         if self._store_open:
             inherited.append(self.store)  # the parent's: never used nor closed here

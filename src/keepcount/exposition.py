@@ -29,7 +29,9 @@ What is exposed:
   forbid them).  Every series the node holds is exposed, also restored ones
   no code has touched since the restart.  ``_created`` is the series' first
   write, kept by the store: the same before and after a restart, so
-  Prometheus sees one continuous series, never a reset.
+  Prometheus sees one continuous series, never a reset.  Families of other
+  kinds than ``counter`` and ``histogram`` (``prometheus.*``) are not
+  exposed here.
 - **A HELP line for every family**: a family declared without a help text
   (``help=""``, or restored from a store that kept none) is exposed with
   ``missing_help(kind)``, since Prometheus' linter (``promtool check
@@ -85,6 +87,7 @@ from prometheus_client.utils import floatToGoString
 
 from keepcount.metrics import HistogramValue, MetricFamily
 from keepcount.registry import Registry
+from keepcount.stores.base import is_native_kind
 
 __all__ = [
     "NODE_METRIC_NAMES",
@@ -200,6 +203,8 @@ class KeepcountCollector:
         claimed: set[str] = set()
         families = sorted(registry.families(), key=lambda f: f.name)
         for family in families:
+            if not is_native_kind(family.kind):
+                continue
             names = exposed_names(family.kind, family.name)
             if self._clashes(family.name, names, claimed):
                 continue

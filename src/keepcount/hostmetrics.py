@@ -12,9 +12,10 @@ Mount it in the app like prometheus_client's helpers::
     from keepcount.wsgi import make_wsgi_app     # Flask, Django, any WSGI app
     from keepcount.asgi import make_asgi_app     # Starlette, FastAPI, any ASGI app
 
-What is exposed: each family with its HELP (``missing_help`` where it has
-none), counters as ``<base>_total`` and histograms as ``_bucket`` /
-``_count`` / ``_sum``, as ``keepcount.exposition`` names them; no
+What is exposed: each family of a native kind with its HELP
+(``missing_help`` where it has none), counters as ``<base>_total`` and
+histograms as ``_bucket`` / ``_count`` / ``_sum``, as
+``keepcount.exposition`` names them (families of other kinds are left out); no
 ``_created`` (a host's series has one per slot); and the gauge
 ``keepcount_host_slots``: how many slots the host has in the store.  With
 ``per_worker=True`` every series is split by the label ``keepcount_slot``
@@ -48,7 +49,7 @@ from prometheus_client.utils import floatToGoString
 from keepcount.exposition import _choose_encoder, _HistogramFamily, missing_help
 from keepcount.metrics import HistogramValue
 from keepcount.registry import Registry
-from keepcount.stores.base import FamilyDef
+from keepcount.stores.base import FamilyDef, is_native_kind
 from keepcount.totals import SeriesTotal, cluster_totals, host_snapshot
 
 __all__ = ["SLOT_LABEL", "HostView"]
@@ -94,6 +95,8 @@ class HostView:
             definitions: dict[str, FamilyDef] = {}
             for node in sorted(snapshot.families):
                 for name, definition in snapshot.families[node].items():
+                    if not is_native_kind(definition.kind):
+                        continue
                     definitions.setdefault(name, definition)
                     if definition.help and not definitions[name].help:
                         definitions[name] = definition

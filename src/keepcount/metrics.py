@@ -102,10 +102,11 @@ def _observation(value: object) -> float:
 class _Shared:
     """What every family and child of one registry shares."""
 
-    __slots__ = ("lock", "mark", "meta_dirty")
+    __slots__ = ("dirty", "lock", "mark", "meta_dirty")
 
     def __init__(self, lock: threading.Lock, dirty: list[Any], meta_dirty: list[Any]) -> None:
         self.lock = lock
+        self.dirty = dirty
         self.mark: Callable[[Any], None] = dirty.append
         self.meta_dirty = meta_dirty
 

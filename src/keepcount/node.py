@@ -107,6 +107,7 @@ from keepcount.metrics import (
 from keepcount.naming import check_label_names, check_metric_name, check_node_id, label_value
 from keepcount.openapi import DEFAULT_HELP, MAX_HELP_LENGTH, OPENAPI
 from keepcount.registry import Receipt, Registry
+from keepcount.stores.base import is_native_kind
 from keepcount.totals import SeriesTotal, cluster_totals
 from keepcount.ui import STATE_PATH, TimedCache, Transitions, asset_routes, node_state
 from keepcount.ui import series_counters as ui_counters
@@ -570,7 +571,7 @@ class Node:
                 raise self._not_ready()
             family = reg.counter(name, help_ or DEFAULT_HELP, labelnames=labelnames)
         assert reg is not None  # a family was found in it
-        if not isinstance(family, Counter):
+        if not isinstance(family, Counter) or family.kind != "counter":
             raise HTTPError(
                 422,
                 "definition_conflict",
@@ -662,11 +663,17 @@ class Node:
             check_metric_name(name)
         reg = self._registry()
         if name is None:
-            families = reg.families()
+            families = [f for f in reg.families() if is_native_kind(f.kind)]
         else:
             family = reg.get(name)
             if family is None:
                 raise HTTPError(404, "not_found", f"node {reg.node} has no metric {name}")
+            if not is_native_kind(family.kind):
+                raise HTTPError(
+                    404,
+                    "not_found",
+                    f"{name} is a {family.kind}: this API serves counters and histograms only",
+                )
             families = [family]
         series = await asyncio.to_thread(_local, families)
         return _json({"node": reg.node, "counters": series})

@@ -59,6 +59,7 @@ from keepcount.slots import (
     CoordinatorClaimer,
     Hold,
     LockClaimer,
+    host_of,
 )
 from keepcount.stores import open_store
 from keepcount.stores.base import (
@@ -71,7 +72,7 @@ from keepcount.stores.base import (
 )
 from keepcount.totals import SeriesTotal, cluster_totals, host_snapshot
 
-__all__ = ["Receipt", "Registry", "open"]
+__all__ = ["Receipt", "Registry", "open", "open_lazily"]
 
 log = logging.getLogger("keepcount.registry")
 
@@ -145,6 +146,45 @@ def open(  # noqa: A001 - the public name in DESIGN §3
         raise
 
 
+def open_lazily(
+    url: str,
+    node: str,
+    *,
+    shared: _Shared | None = None,
+    families: dict[str, MetricFamily[Any]] | None = None,
+    flush_interval: float | None = DEFAULT_FLUSH_INTERVAL,
+    max_slots: int = DEFAULT_MAX_SLOTS,
+    coordinator: str | None = None,
+) -> Registry:
+    """A host registry like ``open()``'s that has done nothing yet: no store
+    opened, no slot taken, no flusher thread.  ``start()`` (first use) starts
+    the flusher, whose first flush opens the store, takes a slot and adds
+    its stored values to what was counted meanwhile, before it writes.
+
+    For ``keepcount.prometheus``, whose module-level metrics exist from
+    import time but must not claim anything until the process counts (a
+    command that only imports the app, gunicorn's ``--preload`` master).
+    Families are unlimited (``max_children=None``), as prometheus_client's.
+    ``shared`` and ``families``: the lock, dirty lists and family table the
+    caller's metrics already use (made before the store was known).
+    """
+    check_host_id(node)
+    claimer: Claimer = (
+        LockClaimer(url, max_slots)
+        if coordinator is None
+        else CoordinatorClaimer(coordinator, max_slots)
+    )
+    return Registry(
+        None,
+        node,
+        slots=Slots(url, claimer),
+        flush_interval=flush_interval,
+        max_children=None,
+        shared=shared,
+        families=families,
+    )
+
+
 class Registry(SlotBinding):
     """A node's counters and histograms, backed by a store.
 
@@ -173,7 +213,7 @@ class Registry(SlotBinding):
 
     def __init__(
         self,
-        store: Store,
+        store: Store | None,
         node: str,
         *,
         flush_interval: float | None = DEFAULT_FLUSH_INTERVAL,
@@ -181,14 +221,18 @@ class Registry(SlotBinding):
         epoch: int | None = None,
         idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
         slots: Slots | None = None,
+        shared: _Shared | None = None,
+        families: dict[str, MetricFamily[Any]] | None = None,
     ) -> None:
         self.host = check_host_id(node) if slots is not None else check_node_id(node)
         """The node id the registry was opened with (the host, for slots)."""
         self.node = self.host
         """The store node id written: the slot's id (``host`` or ``host@N``)."""
-        self.store: Store = store
+        if store is not None:
+            self.store: Store = store
         self.max_children = max_children
-        self._lock = threading.Lock()
+        self._shared = shared or _Shared(threading.Lock(), [], [])
+        self._lock = self._shared.lock
         if not idempotency_ttl > 0:
             raise ValueError("idempotency_ttl must be positive")
         self.idempotency_ttl = idempotency_ttl
@@ -196,29 +240,44 @@ class Registry(SlotBinding):
         self._slots = slots
         self._slot_lock: Hold | None = None
         self._bind_lock = threading.Lock()
-        self._store_open = True
+        self._store_open = store is not None
+        self._started = store is not None
+        """False for a registry of ``open_lazily`` until ``start()``."""
+        self._start_lock = threading.Lock()
         self._pid = os.getpid()
         self._fork_restart = False
         self._counted_before_fork = False
         self._group = self._new_group()
-        self._shared = _Shared(self._lock, self._group.dirty, self._group.meta_dirty)
-        self._families: dict[str, MetricFamily[Any]] = {}
+        self._families: dict[str, MetricFamily[Any]] = {} if families is None else families
         self._closed = False
         self._created = threading.Event()
         self.epoch = 0
         self.restored_series = 0
         self.restore_seconds = 0.0
         if slots is None:
+            if store is None:
+                raise ValueError("a registry without slots needs its store")
             self._bind_exact(epoch)
+        elif store is None:
+            self._group.unbound = True  # the first flush binds (open_lazily)
         else:
             error = self._bind_slot()
             if error is not None:
                 raise error
-        self._group.start()
+        if self._started:
+            self._group.start()
         registries.add(self)
 
+    def start(self) -> None:
+        """Start a registry of ``open_lazily`` (idempotent; no I/O, and no
+        wait for the lock: safe with it held).  Its flusher binds it at its
+        first flush: the next ``commit()``, or within ``flush_interval``."""
+        with self._start_lock:
+            if not self._started:
+                self._started = True
+                self._group.start()
+
     def _new_group(self) -> GroupCommit:
-        old = getattr(self, "_group", None)
         return GroupCommit(
             self._lock,
             self._write,
@@ -229,8 +288,8 @@ class Registry(SlotBinding):
             name=f"keepcount-flush-{self.host}",
             bind=self._bind_slot if self._slots is not None else None,
             check=self._check_hold,
-            dirty=None if old is None else old.dirty,
-            meta_dirty=None if old is None else old.meta_dirty,
+            dirty=self._shared.dirty,
+            meta_dirty=self._shared.meta_dirty,
         )
 
     def _bind_exact(self, epoch: int | None) -> None:
@@ -325,8 +384,15 @@ class Registry(SlotBinding):
     def _family(
         self, definition: FamilyDef, values: dict[str, SeriesValue], limit: int | None
     ) -> MetricFamily[Any]:
-        cls = Counter if definition.kind == "counter" else Histogram
-        return cls(self._shared, definition, max_children=limit, restored=values)
+        if definition.kind == "counter":
+            return Counter(self._shared, definition, max_children=limit, restored=values)
+        if definition.kind == "histogram":
+            return Histogram(self._shared, definition, max_children=limit, restored=values)
+        # A family written through keepcount.prometheus (restored before the
+        # process declared it, or found in a node's rows): its own classes.
+        from keepcount.prometheus.series import family_class
+
+        return family_class(definition)(self._shared, definition, restored=values)
 
     def get(self, name: str) -> MetricFamily[Any] | None:
         """The family called ``name`` (declared or restored), or None."""
@@ -432,6 +498,20 @@ class Registry(SlotBinding):
         ``nodes`` holds the slots' parts.  Reads the store, as ``cluster()``."""
         return cluster_totals(host_snapshot(self._read_store(), self.host, name))
 
+    def live_slots(self) -> set[str]:
+        """The slots of this host a live process holds now: by their locks,
+        or (slots taken through a coordinator) those claimed and not
+        released in the store, which counts a killed holder's slot until it
+        is taken again.  Reads the store, as ``cluster()``."""
+        live = None if self._slots is None else self._slots.claimer.live(self.host)
+        if live is None:
+            live = {
+                r.node
+                for r in self._read_store().nodes()
+                if host_of(r.node) == self.host and r.released_at is None
+            }
+        return live
+
     # -- closing ----------------------------------------------------------------
 
     def close(self) -> None:
@@ -476,4 +556,5 @@ class Registry(SlotBinding):
         await self.aclose()
 
     def __repr__(self) -> str:
-        return f"<Registry node={self.node!r} epoch={self.epoch} store={self.store.url!r}>"
+        url = self._slots.url if self._slots is not None else self.store.url
+        return f"<Registry node={self.node!r} epoch={self.epoch} store={url!r}>"

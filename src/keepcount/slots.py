@@ -173,6 +173,11 @@ class Claimer(Protocol):
 
     def take(self, host: str) -> Hold: ...
 
+    def live(self, host: str) -> set[str] | None:
+        """The slots of ``host`` a live process holds now, without taking
+        any; None if this claimer cannot tell."""
+        ...
+
     def close(self) -> None:
         """Release what the claimer holds open (a coordinator client)."""
         ...
@@ -242,6 +247,38 @@ def take_slot(directory: Path, host: str, max_slots: int = DEFAULT_MAX_SLOTS) ->
     )
 
 
+def held_slots(directory: Path, host: str) -> set[str] | None:
+    """The slots of ``host`` whose lock file in ``directory`` is locked now.
+
+    Read from ``/proc/locks`` (Linux): trying the locks instead would take a
+    free slot for a moment, and a worker starting then would skip it.  None
+    where ``/proc/locks`` cannot be read.
+    """
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            table = f.read()
+    except OSError:
+        return None
+    locked = set()
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF" (" -> " lines are waiters)
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[2] != "->":
+            major, minor, inode = fields[5].split(":")
+            locked.add((int(major, 16), int(minor, 16), int(inode)))
+    held = set()
+    with contextlib.suppress(OSError):
+        for path in directory.iterdir():
+            node = path.name.removesuffix(".lock")
+            if path.suffix != ".lock" or host_of(node) != host:
+                continue
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in locked:
+                    held.add(node)
+    return held
+
+
 def try_lock(path: Path) -> int | str:
     """Lock ``path`` (an exclusive ``flock``, made if missing): the locked
     descriptor, or a description of the live holder ("pid N on host")."""
@@ -276,6 +313,9 @@ class LockClaimer:
 
     def take(self, host: str) -> SlotLock:
         return take_slot(self.directory, host, self.max_slots)
+
+    def live(self, host: str) -> set[str] | None:
+        return held_slots(self.directory, host)
 
     def close(self) -> None:
         pass
@@ -342,6 +382,9 @@ class CoordinatorClaimer:
             f"node {host!r}: all {self.max_slots} slots are claimed in {self.url} by live "
             f"holders ({'; '.join(held[:3])}{' ...' if len(held) > 3 else ''})"
         )
+
+    def live(self, host: str) -> set[str] | None:
+        return None  # a lease's holder is not listed here: the store's records tell
 
     def close(self) -> None:
         coordinator, self._coordinator = self._coordinator, None

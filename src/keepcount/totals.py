@@ -2,6 +2,8 @@
 
 Each node writes only its own rows, so a total is the sum of per-node
 components; dead and released nodes count, since their increments happened.
+Only native kinds (``counter``, ``histogram``) are summed: families of other
+kinds (``prometheus.*``, opaque to keepcount) are left out.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass, field
 
 from keepcount.metrics import HistogramValue, decode_label_key
 from keepcount.slots import host_of
-from keepcount.stores.base import ClusterSnapshot, FamilyDef, Store
+from keepcount.stores.base import ClusterSnapshot, FamilyDef, Store, is_native_kind
 
 __all__ = ["SeriesTotal", "cluster_totals", "host_snapshot"]
 
@@ -32,12 +34,13 @@ def cluster_totals(snapshot: ClusterSnapshot) -> list[SeriesTotal]:
     """Sum ``snapshot`` per (name, labels); histograms bucket by bucket.
 
     Nodes that declared the same name with another shape (kind, label names,
-    buckets) are summed separately: their values cannot be added.
+    buckets) are summed separately: their values cannot be added.  Rows of
+    families of a non-native kind are skipped.
     """
     out: dict[tuple[object, ...], SeriesTotal] = {}
     for node, name, key, raw in snapshot.rows:
         definition = snapshot.families.get(node, {}).get(name)
-        if definition is None:
+        if definition is None or not is_native_kind(definition.kind):
             continue
         labels = dict(zip(definition.labelnames, decode_label_key(key), strict=True))
         group = (name, definition.kind, definition.buckets, tuple(sorted(labels.items())))

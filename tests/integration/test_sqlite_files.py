@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -15,7 +16,8 @@ import pytest
 
 import keepcount
 from keepcount import ClaimConflict, CorruptStore, Fenced, StoreUnavailable
-from keepcount.stores.sqlite import FORMAT_VERSION, SQLiteStore
+from keepcount.stores.base import FamilyDef
+from keepcount.stores.sqlite import APPLICATION_ID, FORMAT_VERSION, SQLiteStore
 
 
 def make_store(path: Path, series: int = 2000) -> None:
@@ -155,6 +157,223 @@ def test_a_version_1_file_with_a_foreign_table_in_the_way_is_refused(tmp_path: P
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'format_version'")
         conn.execute("PRAGMA user_version = 1")
     refused(db, "schema")
+
+
+# What format 2 created: families.kind allowed only the native kinds.
+SCHEMA_V2 = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+CREATE TABLE nodes(
+    node TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL CHECK (epoch > 0),
+    claimed_at REAL,
+    released_at REAL,
+    pid INTEGER,
+    host TEXT
+) STRICT;
+CREATE TABLE families(
+    node TEXT NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('counter', 'histogram')),
+    help TEXT NOT NULL,
+    labelnames TEXT NOT NULL,
+    buckets TEXT NOT NULL,
+    PRIMARY KEY (node, name)
+) STRICT, WITHOUT ROWID;
+CREATE TABLE series(
+    node TEXT NOT NULL,
+    name TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    value ANY NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (node, name, labels)
+) STRICT, WITHOUT ROWID;
+CREATE TABLE idempotency(
+    key TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    result TEXT NOT NULL,
+    token TEXT NOT NULL,
+    expires REAL NOT NULL
+) STRICT, WITHOUT ROWID;
+CREATE INDEX idempotency_expires ON idempotency(expires);
+"""
+
+G = FamilyDef("g_live", "prometheus.gauge.livesum", "a gauge", ("k",))
+
+
+def autocommit(path: Path) -> contextlib.closing[sqlite3.Connection]:
+    return contextlib.closing(sqlite3.connect(path, isolation_level=None))
+
+
+def make_v2_store(path: Path) -> None:
+    """A format-2 file with a counter and a histogram of node-1 and a key."""
+    with autocommit(path) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        conn.execute("BEGIN")
+        for stmt in SCHEMA_V2.split(";"):
+            conn.execute(stmt)
+        conn.executemany(
+            "INSERT INTO meta(key, value) VALUES (?, ?)",
+            [("format", "keepcount"), ("format_version", "2"), ("created_at", "1.0")],
+        )
+        conn.execute("INSERT INTO nodes VALUES ('node-1', 4, 1.0, 2.0, 1, 'host')")
+        conn.executemany(
+            "INSERT INTO families VALUES (?, ?, ?, ?, ?, ?)",
+            [("node-1", "c_total", "counter", "a counter", '["k"]', "[]"),
+             ("node-1", "h_seconds", "histogram", "", "[]", "[0.5]")],
+        )  # fmt: skip
+        conn.executemany(
+            "INSERT INTO series VALUES (?, ?, ?, ?, ?)",
+            [("node-1", "c_total", '["a"]', 7, 10.0),
+             ("node-1", "h_seconds", "[]", "[1,2,3.5]", 11.0)],
+        )  # fmt: skip
+        conn.execute("INSERT INTO idempotency VALUES ('k1', 'node-1', 'fp', '{}', 't', 9e9)")
+        conn.execute("PRAGMA user_version=2")
+        conn.execute("COMMIT")
+
+
+def schema_of(path: Path) -> dict[str, tuple[object, ...]]:
+    """Each table's (type, strict, without rowid, sql)."""
+    with autocommit(path) as conn:
+        listed = {r[1]: (r[2], r[5], r[4]) for r in conn.execute("PRAGMA main.table_list")}
+        sql = dict(conn.execute("SELECT name, sql FROM sqlite_schema WHERE type = 'table'"))
+    return {t: (*listed[t], sql[t]) for t in sql}
+
+
+def test_a_version_2_file_is_upgraded_in_place_and_then_holds_prometheus_families(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "c.db"
+    make_v2_store(db)
+    with (
+        autocommit(db) as conn,
+        pytest.raises(sqlite3.IntegrityError, match="CHECK"),  # what format 2 refuses
+    ):
+        conn.execute("INSERT INTO families VALUES ('n', 'g', 'prometheus.counter', '', '[]', '[]')")
+    before = schema_of(db)
+    store = SQLiteStore(db)
+    try:
+        with autocommit(db) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION == 3
+            assert conn.execute(
+                "SELECT value FROM meta WHERE key = 'format_version'"
+            ).fetchone() == ("3",)
+            assert conn.execute("SELECT count(*) FROM idempotency").fetchone()[0] == 1
+        after = schema_of(db)
+        families = after.pop("families")
+        assert families[:3] == before.pop("families")[:3] == ("table", 1, 1), (
+            "still STRICT and WITHOUT ROWID"
+        )
+        assert "GLOB 'prometheus.*'" in str(families[3])
+        assert after == before, "only families is rebuilt"
+        snap = store.load("node-1")
+        assert snap.families == {
+            "c_total": FamilyDef("c_total", "counter", "a counter", ("k",)),
+            "h_seconds": FamilyDef("h_seconds", "histogram", "", (), (0.5, float("inf"))),
+        }
+        assert snap.values == {"c_total": {'["a"]': 7}, "h_seconds": {"[]": "[1,2,3.5]"}}
+        assert store.load_created("node-1") == {
+            "c_total": {'["a"]': 10.0},
+            "h_seconds": {"[]": 11.0},
+        }
+        epoch = store.claim("node-1")
+        assert epoch == 5, "the node's epoch survived the upgrade"
+        store.write("node-1", epoch, [G], [("g_live", '["a"]', '[2.5,"+Inf"]', 12.0)])
+    finally:
+        store.close()
+    again = SQLiteStore(db)
+    try:
+        again.claim("node-1")
+        snap = again.load("node-1")
+        assert snap.families["g_live"] == G
+        assert snap.values["g_live"] == {'["a"]': '[2.5,"+Inf"]'}
+        assert snap.values["c_total"] == {'["a"]': 7}
+    finally:
+        again.close()
+
+
+def test_a_version_2_file_upgrade_that_fails_leaves_it_at_version_2(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    make_v2_store(db)
+    with autocommit(db) as conn:  # in the way of the rebuild
+        conn.execute("CREATE TABLE families_v3(x)")
+    with pytest.raises(StoreUnavailable, match="families_v3"):
+        SQLiteStore(db)
+    with autocommit(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("SELECT count(*) FROM families").fetchone()[0] == 2
+        assert conn.execute("SELECT count(*) FROM families_v3").fetchone()[0] == 0
+
+
+def test_a_version_3_file_whose_families_refuse_prometheus_kinds_is_refused(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "c.db"
+    make_v2_store(db)
+    with autocommit(db) as conn:  # a format-2 file claiming to be 3
+        conn.execute("UPDATE meta SET value = '3' WHERE key = 'format_version'")
+        conn.execute("PRAGMA user_version = 3")
+    before = digest(db)
+    with pytest.raises(CorruptStore, match="families table is not that of format version 3"):
+        SQLiteStore(db)
+    assert digest(db) == before
+
+
+@pytest.mark.parametrize(
+    ("value", "vtype"),
+    [(5, "integer"), ("[1,2", "text"), ("NaN", "text"), ("", "text"), (2.5, "real")],
+)
+def test_a_prometheus_value_that_is_not_json_text_is_refused_at_claim(
+    tmp_path: Path, value: object, vtype: str
+) -> None:
+    db = tmp_path / "c.db"
+    store = SQLiteStore(db)
+    try:
+        epoch = store.claim("node-1")
+        store.write("node-1", epoch, [G], [("g_live", '["a"]', "[1.0,2.0]", 1.0),
+                                           ("g_live", '["b"]', "null", 1.0)])  # fmt: skip
+    finally:
+        store.close()
+    with autocommit(db) as conn:
+        conn.execute("UPDATE series SET value = ? WHERE labels = '[\"b\"]'", (value,))
+    before = digest(db)
+    store = SQLiteStore(db)
+    try:
+        with pytest.raises(CorruptStore) as e:
+            store.claim("node-1")
+    finally:
+        store.close()
+    assert str(e.value) == (
+        f"store {db}: node 'node-1' holds a prometheus.gauge.livesum g_live[\"b\"] with a "
+        f"value of type {vtype} that keepcount cannot have written; refusing it"
+    )
+    assert digest(db) == before, "a refused node is left exactly as it was"
+    again = SQLiteStore(db)
+    try:
+        assert again.nodes()[0].epoch == 1, "the refused claim took no epoch"
+    finally:
+        again.close()
+
+
+def test_a_family_of_an_unknown_kind_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    store = SQLiteStore(db)
+    try:
+        epoch = store.claim("node-1")
+        store.write("node-1", epoch, [G], [("g_live", '["a"]', "[1.0,2.0]", 1.0)])
+    finally:
+        store.close()
+    with autocommit(db) as conn:  # passes the CHECK, not check_kind
+        conn.execute("UPDATE families SET kind = 'prometheus.Gauge'")
+    store = SQLiteStore(db)
+    try:
+        with pytest.raises(CorruptStore, match=r"'g_live' has unknown kind 'prometheus\.Gauge'"):
+            store.load("node-1")
+        with pytest.raises(CorruptStore, match="unknown kind"):
+            store.read_cluster()
+    finally:
+        store.close()
 
 
 def test_a_value_of_the_wrong_type_is_refused(tmp_path: Path) -> None:

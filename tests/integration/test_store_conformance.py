@@ -8,10 +8,14 @@ import pytest
 
 from keepcount import ClaimConflict, Fenced, InvalidInput
 from keepcount.errors import KeyConflict
-from keepcount.stores.base import FamilyDef, KeyRecord, Store
+from keepcount.stores.base import FamilyDef, KeyRecord, SeriesRow, Store, check_kind
 
 C = FamilyDef("c_total", "counter", "a counter", ("k",))
 H = FamilyDef("h_seconds", "histogram", "a histogram", (), (0.5, float("inf")))
+G = FamilyDef("g_live", "prometheus.gauge.livesum", "a prometheus gauge", ("k",))
+PH = FamilyDef(
+    "ph_seconds", "prometheus.histogram", "a prometheus histogram", ("k",), (0.1, 1.0, float("inf"))
+)
 
 
 def test_claim_issues_growing_epochs(store: Store, other: Store) -> None:
@@ -150,6 +154,92 @@ def test_values_up_to_int64_max_survive(store: Store) -> None:
     e = store.claim("node-1")
     store.write("node-1", e, [C], [("c_total", '["max"]', 2**63 - 1, 1.0)])
     assert store.load("node-1").values["c_total"]['["max"]'] == 2**63 - 1
+
+
+# -- prometheus kinds (opaque JSON text) -------------------------------------------
+
+# Exact text, whatever JSON it holds: a tombstone, a bare number (text, never
+# turned into one), spacing and escapes as the writer chose them, non-finite
+# values as strings.
+PROMETHEUS_VALUES = {
+    "g_live": {
+        '["a"]': "[2.5,1700000000.25]",
+        '["gone"]': "null",
+        '["n"]': "5",
+        '["s"]': '[ -0.0 , 1e300, "NaN", "-Inf" ]',
+        '["u"]': '{"info": {"caf\\u00e9": "caf\u00e9"}, "at": 1.0}',
+    },
+    "ph_seconds": {
+        '["x"]': '[1,0,2,"+Inf",1700000000.5]',
+        '["gone"]': "null",
+    },
+}
+
+
+def prometheus_rows() -> list[SeriesRow]:
+    return [
+        (name, labels, value, 100.0 + i)
+        for name, series in PROMETHEUS_VALUES.items()
+        for i, (labels, value) in enumerate(series.items())
+    ]
+
+
+def test_prometheus_kinds_round_trip_as_exact_text(store: Store, other: Store) -> None:
+    e = store.claim("node-1")
+    store.write("node-1", e, [C, G, PH], [("c_total", '["a"]', 5, 1.0), *prometheus_rows()])
+    for handle in (store, other):
+        snap = handle.load("node-1")
+        assert snap.families == {"c_total": C, "g_live": G, "ph_seconds": PH}
+        assert snap.families["ph_seconds"].buckets == (0.1, 1.0, float("inf"))
+        assert snap.families["g_live"].buckets == ()
+        assert snap.values == {"c_total": {'["a"]': 5}, **PROMETHEUS_VALUES}
+        assert all(type(v) is str for n in PROMETHEUS_VALUES for v in snap.values[n].values())
+    created = other.load_created("node-1")
+    assert created["g_live"] == {'["a"]': 100.0, '["gone"]': 101.0, '["n"]': 102.0,
+                                 '["s"]': 103.0, '["u"]': 104.0}  # fmt: skip
+    assert created["ph_seconds"] == {'["x"]': 100.0, '["gone"]': 101.0}
+    cluster = other.read_cluster()
+    assert cluster.families == {"node-1": {"c_total": C, "g_live": G, "ph_seconds": PH}}
+    assert sorted(cluster.rows) == sorted(
+        [("node-1", "c_total", '["a"]', 5)]
+        + [
+            ("node-1", n, k, v)
+            for n, series in PROMETHEUS_VALUES.items()
+            for k, v in series.items()
+        ]
+    )
+    assert sorted(other.read_cluster("ph_seconds").rows) == sorted(
+        ("node-1", "ph_seconds", k, v) for k, v in PROMETHEUS_VALUES["ph_seconds"].items()
+    )
+
+
+def test_prometheus_values_are_restored_by_a_new_claim_and_overwritten_as_text(
+    store: Store, other: Store
+) -> None:
+    e = store.claim("node-1", epoch=1)
+    store.write("node-1", e, [G, PH], prometheus_rows())
+    store.release("node-1", e)
+    e2 = other.claim("node-1", epoch=2)  # checks every stored row of the node first
+    assert other.load("node-1").values == PROMETHEUS_VALUES
+    other.write("node-1", e2, [], [("g_live", '["a"]', "[3.5,1700000001.0]", 1.0),
+                                   ("g_live", '["n"]', "null", 1.0)])  # fmt: skip
+    values = store.load("node-1").values["g_live"]
+    assert values['["a"]'] == "[3.5,1700000001.0]" and values['["n"]'] == "null"
+    assert other.load_created("node-1")["g_live"]['["a"]'] == 100.0, "created is kept"
+
+
+def test_a_definition_of_an_invalid_kind_is_refused_and_nothing_is_written(store: Store) -> None:
+    e = store.claim("node-1")
+    for kind in ("gauge", "prometheus.Gauge", "prometheus.gauge.live.sum", "prometheus."):
+        bad = FamilyDef("bad_total", kind, "", ())
+        with pytest.raises(ValueError, match="kind"):
+            check_kind(bad.kind)
+        with pytest.raises(InvalidInput, match=f"kind '{kind}'"):
+            store.write("node-1", e, [C, bad],
+                        [("c_total", '["a"]', 1, 1.0), ("bad_total", "[]", "1", 1.0)])  # fmt: skip
+    snap = store.load("node-1")
+    assert snap.families == {} and snap.series_count() == 0
+    assert store.read_cluster().rows == []
 
 
 # -- idempotency keys -----------------------------------------------------------

@@ -9,6 +9,10 @@ error: benchmarks measure, tests assert.  A missing peer (Redis) is.
 virtual environment for one of its peers and runs for minutes) measures a
 Flask app under multi-worker gunicorn with five metrics backends;
 ``--markdown FILE`` writes its BENCHMARKS.md section.
+
+``keepcount bench prometheus`` (not part of ``all`` either) times
+``keepcount.prometheus``'s in-memory calls against prometheus_client's, in
+memory and in multiprocess mode.
 """
 
 from __future__ import annotations
@@ -37,7 +41,15 @@ from rich.progress import (
 from rich.table import Table
 
 from keepcount import __version__
-from keepcount.bench import BENCHMARKS, BenchError, BenchResult, Comparison, Settings, workers
+from keepcount.bench import (
+    BENCHMARKS,
+    BenchError,
+    BenchResult,
+    Comparison,
+    Settings,
+    prometheus,
+    workers,
+)
 from keepcount.bench.machine import describe
 from keepcount.bench.redis import require_tools
 from keepcount.bench.result import Report, settings_json
@@ -48,7 +60,9 @@ _RAM_FILESYSTEMS = ("tmpfs", "ramfs")
 
 
 @click.command()
-@click.argument("which", type=click.Choice([*BENCHMARKS, "workers", "all"]), default="all")
+@click.argument(
+    "which", type=click.Choice([*BENCHMARKS, "workers", "prometheus", "all"]), default="all"
+)
 @click.option("--quick", is_flag=True, help="Tiny sizes and short runs: a smoke test.")
 @click.option(
     "--out",
@@ -109,6 +123,7 @@ def bench(
     """Run benchmarks (default: all), each measured side by side with a peer."""
     names = list(BENCHMARKS) if which == "all" else [which]
     runners: dict[str, Callable[[Settings, Report], BenchResult]] = dict(BENCHMARKS)
+    runners["prometheus"] = prometheus.run
     if which == "workers":
         chosen = tuple(b.strip() for b in backends.split(",") if b.strip())
         unknown = sorted(set(chosen) - set(workers.BACKENDS))

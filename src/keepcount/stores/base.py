@@ -5,8 +5,31 @@ wrote, plus the node's claim epoch.  It never sees a registry or a
 coordinator: it takes plain values and an epoch number (DESIGN §4).
 
 Values are opaque to a store: an ``int`` for a counter series, a ``str`` for
-a histogram series (its encoding belongs to ``keepcount.metrics``).  A store
-returns each value exactly as it was written.
+a series of any other kind.  A store returns each value exactly as it was
+written.
+
+Kinds of families (``FamilyDef.kind``, checked by ``check_kind``):
+
+``"counter"`` and ``"histogram"`` (``NATIVE_KINDS``)
+    keepcount's own.  A counter's value is an ``int`` in ``[0, 2**63 - 1]``; a
+    histogram's is the JSON text ``[count per bucket..., sum]`` (its encoding
+    belongs to ``keepcount.metrics``), one count per bucket of ``buckets``.
+``"prometheus.<type>"`` or ``"prometheus.<type>.<variant>"`` (lowercase
+letters; e.g. ``"prometheus.counter"``, ``"prometheus.gauge.livesum"``)
+    Families of ``keepcount.prometheus``, whose encodings belong to it.  Each
+    value is a ``str`` holding valid JSON (any JSON value: ``null`` is the
+    writer's tombstone, and arrays may hold strings such as ``"+Inf"`` and
+    ``"NaN"``).  The store treats it as opaque text and returns it exactly,
+    character for character.  ``"prometheus.histogram"`` uses ``buckets`` as
+    ``"histogram"`` does; every other prometheus kind has ``buckets == ()``.
+
+A store refuses to write a definition whose kind ``check_kind`` refuses
+(``InvalidInput``; nothing written).  A node holding such a definition, or a
+value not of its family's kind (a counter's not an ``int``, any other kind's
+not a ``str``; SQLite also checks a histogram's shape and that a prometheus
+kind's text is valid JSON), is refused with ``CorruptStore`` by the claim or
+load that reads it.  Views that understand only native kinds (cluster
+totals, ``/metrics``, the node's HTTP API) skip families of other kinds.
 
 Contract of each method (the conformance suite in
 ``tests/integration/test_store_conformance.py`` holds every backend to it):
@@ -76,28 +99,67 @@ Contract of each method (the conformance suite in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
+
+from keepcount.errors import InvalidInput
 
 __all__ = [
+    "BUCKETED_KINDS",
+    "NATIVE_KINDS",
     "ClusterSnapshot",
     "FamilyDef",
     "KeyRecord",
+    "Kind",
     "NodeRecord",
     "SeriesRow",
     "SeriesValue",
     "Snapshot",
     "Store",
+    "check_kind",
+    "has_buckets",
+    "is_native_kind",
 ]
 
 SeriesValue = int | str
-"""A series' absolute value as stored: int for counters, str for histograms."""
+"""A series' absolute value as stored: int for counters, str for every other kind."""
 
 SeriesRow = tuple[str, str, SeriesValue, float]
 """(metric name, label key, absolute value, created unix time) as written."""
 
-Kind = Literal["counter", "histogram"]
+Kind = str
+"""A family's kind: one of ``NATIVE_KINDS`` or a prometheus kind (see the module docstring)."""
+
+NATIVE_KINDS = ("counter", "histogram")
+"""keepcount's own kinds; every other valid kind starts with ``"prometheus."``."""
+
+BUCKETED_KINDS = ("histogram", "prometheus.histogram")
+"""The kinds whose definitions carry ``buckets``."""
+
+_PROMETHEUS_KIND = re.compile(r"prometheus\.[a-z]+(\.[a-z]+)?")
+
+
+def is_native_kind(kind: str) -> bool:
+    """True for ``"counter"`` and ``"histogram"``, false for every other kind."""
+    return kind in NATIVE_KINDS
+
+
+def has_buckets(kind: str) -> bool:
+    """True if a family of ``kind`` stores bucket upper bounds."""
+    return kind in BUCKETED_KINDS
+
+
+def check_kind(kind: object) -> str:
+    """``kind`` if a store can hold it (native, or ``prometheus.<type>[.<variant>]``
+    in lowercase letters); ``InvalidInput`` (a ``ValueError``) otherwise."""
+    if isinstance(kind, str) and (kind in NATIVE_KINDS or _PROMETHEUS_KIND.fullmatch(kind)):
+        return kind
+    raise InvalidInput(
+        f"unknown family kind {kind!r}: expected one of {list(NATIVE_KINDS)} "
+        "or prometheus.<type>[.<variant>] (lowercase letters)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +171,8 @@ class FamilyDef:
     help: str
     labelnames: tuple[str, ...]
     buckets: tuple[float, ...] = ()
-    """Histogram upper bounds, ending with +Inf; empty for counters."""
+    """Upper bounds of a ``has_buckets`` kind's buckets, ending with +Inf;
+    empty for every other kind."""
 
     def same_shape(self, other: FamilyDef) -> bool:
         return (

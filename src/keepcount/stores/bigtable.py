@@ -18,6 +18,7 @@ Layout (one table; the store creates it and its column families if missing)::
                    f       <name>                 family definition (JSON)
                    v       <name>\\0<label key>    series value: b"i" + int64
                                                   (counter) or b"s" + UTF-8
+                                                  (any other kind)
                    t       <name>\\0<label key>    created time (double)
                    k       <idempotency key>      key record (JSON)
     o#<key>        o       owner                  which node records the key (JSON)
@@ -128,6 +129,8 @@ from keepcount.stores.base import (
     SeriesRow,
     SeriesValue,
     Snapshot,
+    check_kind,
+    has_buckets,
 )
 
 __all__ = ["EMULATOR_ENV", "FORMAT_VERSION", "BigtableStore", "BigtableURL", "parse_url"]
@@ -349,14 +352,11 @@ def _encode_family(f: FamilyDef) -> bytes:
 
 def _decode_family(name: str, raw: bytes) -> FamilyDef:
     doc = json.loads(raw)
-    kind = doc["kind"]
+    kind = check_kind(doc["kind"])
     labelnames = tuple(str(n) for n in doc["labelnames"])
-    if kind == "histogram":
-        buckets: tuple[float, ...] = (*(float(b) for b in doc["buckets"]), float("inf"))
-    elif kind == "counter":
-        buckets = ()
-    else:
-        raise ValueError(f"kind {kind!r}")
+    buckets: tuple[float, ...] = ()
+    if has_buckets(kind):
+        buckets = (*(float(b) for b in doc["buckets"]), float("inf"))
     return FamilyDef(name, kind, str(doc["help"]), labelnames, buckets)
 
 
@@ -881,6 +881,8 @@ class BigtableStore:
         series: Sequence[SeriesRow],
         keys: Sequence[KeyRecord] = (),
     ) -> None:
+        for f in families:
+            check_kind(f.kind)
         claim = self._held(node, epoch)
         with claim.lock:
             claim.snapshot = None  # the claim's read is stale from now on

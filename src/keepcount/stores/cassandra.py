@@ -86,6 +86,8 @@ from keepcount.stores.base import (
     SeriesRow,
     SeriesValue,
     Snapshot,
+    check_kind,
+    has_buckets,
 )
 
 __all__ = ["FORMAT_VERSION", "CassandraStore", "parse_url"]
@@ -508,6 +510,8 @@ class CassandraStore:
     ) -> None:
         from cassandra.query import BatchStatement, BatchType
 
+        for f in families:
+            check_kind(f.kind)
         with self._lock:
             self._check_open()
             claim = self._claims.get(node)
@@ -717,15 +721,14 @@ def _connection_class() -> Any:
 
 def _family(url: str, r: Any) -> FamilyDef:
     try:
+        kind = check_kind(r.kind)
         labelnames = tuple(json.loads(r.labelnames or "[]"))
         buckets: tuple[float, ...] = ()
-        if r.kind == "histogram":
+        if has_buckets(kind):
             buckets = (*(float(b) for b in json.loads(r.buckets or "[]")), float("inf"))
-        elif r.kind != "counter":
-            raise ValueError(f"kind {r.kind!r}")
     except (ValueError, TypeError) as exc:
         raise CorruptStore(f"store {url}: family {r.name!r} is damaged ({exc})") from None
-    return FamilyDef(r.name, r.kind, r.help or "", labelnames, buckets)
+    return FamilyDef(r.name, kind, r.help or "", labelnames, buckets)
 
 
 def _value(url: str, r: Any) -> SeriesValue:

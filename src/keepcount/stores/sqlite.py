@@ -1,23 +1,34 @@
 """The embedded store: one SQLite file, shared by any number of node ids on one host.
 
-File format (``FORMAT_VERSION`` 2)
+File format (``FORMAT_VERSION`` 3)
 ----------------------------------
 An SQLite 3 database in WAL mode, identified by ``PRAGMA application_id =
-0x6B636E74`` ("kcnt") and ``PRAGMA user_version = 2``, with these tables::
+0x6B636E74`` ("kcnt") and ``PRAGMA user_version = 3``, with these tables
+(all ``STRICT``; all but ``meta`` and ``nodes`` ``WITHOUT ROWID``)::
 
-    meta(key PRIMARY KEY, value)          format = keepcount, format_version = 2
+    meta(key PRIMARY KEY, value)          format = keepcount, format_version = 3
     nodes(node PRIMARY KEY, epoch, claimed_at, released_at, pid, host)
     families(node, name, kind, help, labelnames, buckets)   PRIMARY KEY (node, name)
     series(node, name, labels, value, created)              PRIMARY KEY (node, name, labels)
     idempotency(key PRIMARY KEY, node, fingerprint, result, token, expires)
 
-Version 1 (no ``idempotency`` table) is upgraded in place on open, in one
-transaction, once the file has passed every check below.
+``kind`` is ``counter``, ``histogram`` or a prometheus kind (``CHECK (kind IN
+('counter', 'histogram') OR kind GLOB 'prometheus.*')``; ``stores.base``
+says which prometheus kinds are valid); ``labels`` is the JSON array of label
+values (``metrics.label_key``); ``buckets`` the JSON array of a histogram's
+(or a ``prometheus.histogram``'s) finite upper bounds (+Inf implied), ``[]``
+for other kinds; ``value`` is an INTEGER for a counter, the histogram
+encoding (TEXT) for a histogram and the writer's JSON text, kept as it is,
+for a prometheus kind; each row holds the node's *absolute* value, upserted
+by flushes.
 
-``labels`` is the JSON array of label values (``metrics.label_key``);
-``buckets`` the JSON array of a histogram's finite upper bounds (+Inf implied);
-``value`` is an INTEGER for a counter and the histogram encoding (TEXT) for a
-histogram; each row holds the node's *absolute* value, upserted by flushes.
+Older versions are upgraded in place on open, in one transaction, once the
+file has passed every check below: version 1 lacks the ``idempotency`` table;
+versions 1 and 2 allow only ``counter`` and ``histogram`` in
+``families.kind``, and since SQLite cannot alter a ``CHECK`` the upgrade
+rebuilds ``families`` (a new table, the rows copied, the old one dropped,
+the new one renamed).  The upgrade is one way: an older keepcount refuses a
+version-3 file (``CorruptStore``, format version).
 
 Durability and safety
 ---------------------
@@ -32,7 +43,8 @@ Durability and safety
   naming the file.  SQLite errors later on are translated: corruption ->
   ``CorruptStore``; busy, full, I/O -> ``StoreUnavailable`` (nothing written).
 - A claim first checks every row of the node (types, definitions, histogram
-  shapes) and refuses a damaged node before it writes anything.
+  shapes, a prometheus kind's value being valid JSON text) and refuses a
+  damaged node before it writes anything.
 - A claim is an exclusive ``flock`` on ``<file>-locks/<node>.lock`` held for
   the claim's lifetime (the kernel drops it when the process dies, even on
   SIGKILL), plus an epoch in ``nodes`` that only grows.  Each write checks the
@@ -83,13 +95,15 @@ from keepcount.stores.base import (
     NodeRecord,
     SeriesRow,
     Snapshot,
+    check_kind,
+    has_buckets,
 )
 
 __all__ = ["APPLICATION_ID", "FORMAT_VERSION", "SQLiteStore"]
 
 APPLICATION_ID = 0x6B636E74  # "kcnt"
-FORMAT_VERSION = 2
-_UPGRADABLE = (1,)  # older versions this one upgrades in place
+FORMAT_VERSION = 3
+_UPGRADABLE = (1, 2)  # older versions this one upgrades in place
 
 DEFAULT_BUSY_TIMEOUT = 5.0
 """Seconds a write waits for another process's write lock on the same file
@@ -97,35 +111,19 @@ before failing with ``StoreUnavailable``.  Flushes of other node ids on the
 same file take milliseconds; five seconds only runs out when something is
 wrong (a stuck process holding a transaction)."""
 
-_SCHEMA_V1 = """
-CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
-CREATE TABLE nodes(
-    node TEXT PRIMARY KEY,
-    epoch INTEGER NOT NULL CHECK (epoch > 0),
-    claimed_at REAL,
-    released_at REAL,
-    pid INTEGER,
-    host TEXT
-) STRICT;
-CREATE TABLE families(
+_KIND_CHECK = "CHECK (kind IN ('counter', 'histogram') OR kind GLOB 'prometheus.*')"
+_FAMILIES = f"""
+CREATE TABLE {{table}}(
     node TEXT NOT NULL,
     name TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('counter', 'histogram')),
+    kind TEXT NOT NULL {_KIND_CHECK},
     help TEXT NOT NULL,
     labelnames TEXT NOT NULL,
     buckets TEXT NOT NULL,
     PRIMARY KEY (node, name)
 ) STRICT, WITHOUT ROWID;
-CREATE TABLE series(
-    node TEXT NOT NULL,
-    name TEXT NOT NULL,
-    labels TEXT NOT NULL,
-    value ANY NOT NULL,
-    created REAL NOT NULL,
-    PRIMARY KEY (node, name, labels)
-) STRICT, WITHOUT ROWID;
 """
-_SCHEMA_V2 = """
+_IDEMPOTENCY = """
 CREATE TABLE idempotency(
     key TEXT PRIMARY KEY,
     node TEXT NOT NULL,
@@ -136,7 +134,42 @@ CREATE TABLE idempotency(
 ) STRICT, WITHOUT ROWID;
 CREATE INDEX idempotency_expires ON idempotency(expires);
 """
-_SCHEMA = _SCHEMA_V1 + _SCHEMA_V2
+_SCHEMA = (
+    """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+CREATE TABLE nodes(
+    node TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL CHECK (epoch > 0),
+    claimed_at REAL,
+    released_at REAL,
+    pid INTEGER,
+    host TEXT
+) STRICT;
+"""
+    + _FAMILIES.format(table="families")
+    + """
+CREATE TABLE series(
+    node TEXT NOT NULL,
+    name TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    value ANY NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (node, name, labels)
+) STRICT, WITHOUT ROWID;
+"""
+    + _IDEMPOTENCY
+)
+# Version 2 -> 3: families allows prometheus kinds.  SQLite cannot alter a
+# CHECK, so the table is built again under another name and renamed.
+_REBUILD_FAMILIES = (
+    _FAMILIES.format(table="families_v3")  # noqa: S608 - a constant name
+    + """
+INSERT INTO families_v3(node, name, kind, help, labelnames, buckets)
+    SELECT node, name, kind, help, labelnames, buckets FROM families;
+DROP TABLE families;
+ALTER TABLE families_v3 RENAME TO families;
+"""
+)
 _TABLES = {
     "meta": ["key", "value"],
     "nodes": ["node", "epoch", "claimed_at", "released_at", "pid", "host"],
@@ -147,18 +180,21 @@ _TABLES = {
 
 # The first of a node's rows this format cannot hold: a series without its
 # family, a counter that is not a non-negative integer, a histogram that is not
-# a JSON array of one count per bucket (the finite ones and +Inf) plus the sum.
-# Run by claim() before it writes anything: a damaged node is refused with the
-# file untouched.
+# a JSON array of one count per bucket (the finite ones and +Inf) plus the sum,
+# a prometheus kind's value that is not valid JSON text, a family of any other
+# kind.  Run by claim() before it writes anything: a damaged node is refused
+# with the file untouched.
 _FIND_DAMAGE = """
 SELECT s.name, s.labels, typeof(s.value), f.kind FROM series s
 LEFT JOIN families f ON f.node = s.node AND f.name = s.name
 WHERE s.node = ?1 AND (
     f.kind IS NULL
-    OR CASE f.kind
-        WHEN 'counter' THEN typeof(s.value) != 'integer' OR s.value < 0
-        ELSE typeof(s.value) != 'text' OR NOT json_valid(s.value)
+    OR CASE
+        WHEN f.kind = 'counter' THEN typeof(s.value) != 'integer' OR s.value < 0
+        WHEN f.kind = 'histogram' THEN typeof(s.value) != 'text' OR NOT json_valid(s.value)
              OR json_array_length(s.value) != json_array_length(f.buckets) + 2
+        WHEN f.kind GLOB 'prometheus.*' THEN typeof(s.value) != 'text' OR NOT json_valid(s.value)
+        ELSE 1
     END)
 LIMIT 1
 """
@@ -380,6 +416,15 @@ class SQLiteStore:
             tables = {t: c for t, c in tables.items() if c or t in expected}
             if tables != expected:
                 raise CorruptStore(f"{where} does not have keepcount's schema: {tables}")
+            if version >= 3:
+                (families,) = conn.execute(
+                    "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'families'"
+                ).fetchone()
+                if _KIND_CHECK not in families:
+                    raise CorruptStore(
+                        f"{where} does not have keepcount's schema: its families table "
+                        f"is not that of format version {version}: {families}"
+                    )
             meta = dict(conn.execute("SELECT key, value FROM meta"))
             if meta.get("format") != "keepcount" or meta.get("format_version") != str(version):
                 raise CorruptStore(f"{where} has unexpected format metadata {meta}")
@@ -516,6 +561,8 @@ class SQLiteStore:
         series: Sequence[SeriesRow],
         keys: Sequence[KeyRecord] = (),
     ) -> None:
+        for f in families:
+            check_kind(f.kind)
         with self._lock, self._turn():
             if not families and not keys and 0 < len(series) <= _SERIES_PER_STATEMENT:
                 self._write_values(node, epoch, series)
@@ -724,11 +771,13 @@ def _translate(exc: sqlite3.Error, context: str) -> KeepcountError:
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:
-    """Bring a version-1 file to this version, in one transaction."""
+    """Bring a version-1 or version-2 file to this version, in one transaction."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if conn.execute("PRAGMA user_version").fetchone()[0] == 1:  # not upgraded meanwhile
-            for stmt in _SCHEMA_V2.split(";"):
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version in _UPGRADABLE:  # not upgraded meanwhile
+            steps = (_IDEMPOTENCY if version < 2 else "") + _REBUILD_FAMILIES
+            for stmt in steps.split(";"):
                 if stmt.strip():
                     conn.execute(stmt)
             conn.execute(
@@ -746,14 +795,16 @@ def _family(
     path: Path, name: str, kind: str, help_: str, labelnames: str, buckets: str
 ) -> FamilyDef:
     try:
+        check_kind(kind)
+    except InvalidInput:
+        raise CorruptStore(f"store {path}: {name!r} has unknown kind {kind!r}") from None
+    try:
         names = tuple(json.loads(labelnames))
         finite = [float(b) for b in json.loads(buckets)]
-        bounds = (*finite, math.inf) if kind == "histogram" else ()
+        bounds = (*finite, math.inf) if has_buckets(kind) else ()
     except (ValueError, TypeError) as exc:
         raise CorruptStore(f"store {path}: definition of {name!r} is unreadable: {exc}") from exc
-    if kind not in ("counter", "histogram"):
-        raise CorruptStore(f"store {path}: {name!r} has unknown kind {kind!r}")
-    return FamilyDef(name, kind, help_, names, bounds)  # type: ignore[arg-type]
+    return FamilyDef(name, kind, help_, names, bounds)
 
 
 def _family_row(node: str, f: FamilyDef) -> tuple[Any, ...]:
