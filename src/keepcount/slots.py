@@ -197,12 +197,22 @@ class SlotLock:
     fd: int | None
 
     epoch: int | None = None
+    serving: bool = False
+    """Set by the first write acknowledged in the slot (``check``), and
+    recorded in the lock file for ``held_slots``."""
 
     @property
     def node(self) -> str:
         return slot_id(self.host, self.index)
 
     def check(self) -> KeepcountError | None:
+        if not self.serving and self.fd is not None:
+            # The first write since the slot was taken has landed, and with
+            # it whatever the slot's new holder had to overwrite first (the
+            # dead holder's live gauges): from now on the slot is live.
+            with contextlib.suppress(OSError):
+                os.pwrite(self.fd, _holder(SERVING).encode(), 0)
+            self.serving = True
         return None  # held until this process dies: the kernel keeps it
 
     def release(self) -> None:
@@ -247,25 +257,37 @@ def take_slot(directory: Path, host: str, max_slots: int = DEFAULT_MAX_SLOTS) ->
     )
 
 
-def held_slots(directory: Path, host: str) -> set[str] | None:
-    """The slots of ``host`` whose lock file in ``directory`` is locked now.
+SERVING = "serving"
 
-    Read from ``/proc/locks`` (Linux): trying the locks instead would take a
-    free slot for a moment, and a worker starting then would skip it.  None
-    where ``/proc/locks`` cannot be read.
+
+def _holder(state: str = "", pid: object = None) -> str:
+    """What a lock file says of its holder (``ClaimConflict`` quotes it)."""
+    pid = os.getpid() if pid is None else pid
+    return f"pid {pid} on {socket.gethostname()}{' ' + state if state else ''}\n"
+
+
+def held_slots(directory: Path, host: str) -> set[str] | None:
+    """The slots of ``host`` a live process holds *and serves* now: locked,
+    and its holder's first write in the slot landed (``SlotLock.check``).
+
+    Until then the slot still shows its dead holder's rows, which its new
+    holder has not overwritten yet; counting the slot as live then would
+    show a dead process's live gauges.  Locks are read from ``/proc/locks``
+    (Linux): trying them instead would take a free slot for a moment, and a
+    worker starting then would skip it.  None where it cannot be read.
     """
     try:
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
             table = f.read()
     except OSError:
         return None
-    locked = set()
+    locked = {}
     for line in table.splitlines():
         fields = line.split()
         # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF" (" -> " lines are waiters)
         if len(fields) >= 6 and fields[1] == "FLOCK" and fields[2] != "->":
             major, minor, inode = fields[5].split(":")
-            locked.add((int(major, 16), int(minor, 16), int(inode)))
+            locked[(int(major, 16), int(minor, 16), int(inode))] = fields[4]
     held = set()
     with contextlib.suppress(OSError):
         for path in directory.iterdir():
@@ -274,7 +296,10 @@ def held_slots(directory: Path, host: str) -> set[str] | None:
                 continue
             with contextlib.suppress(OSError):
                 st = path.stat()
-                if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in locked:
+                pid = locked.get((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+                # The file names the holder that wrote it: until a new holder
+                # rewrites it, it still names the dead one, who was serving.
+                if pid is not None and path.read_text(errors="replace") == _holder(SERVING, pid):
                     held.add(node)
     return held
 
@@ -299,7 +324,7 @@ def try_lock(path: Path) -> int | str:
         with contextlib.suppress(OSError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 os.ftruncate(fd, 0)
-                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+                os.pwrite(fd, _holder().encode(), 0)
                 return fd
         os.close(fd)
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 
 from keepcount.nodeproc import free_port
+from keepcount.slots import host_of
+from keepcount.stores import open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.crash]
 
@@ -45,6 +47,14 @@ class Case:
     needs: tuple[str, ...]
     """Importable modules the case needs."""
     recycles: bool = False
+    metrics: str = "/metrics"
+    """Where the host's ``/metrics`` answers 200."""
+    host_slots: bool = True
+    """``/metrics`` shows ``keepcount_host_slots`` (keepcount's own); else
+    (``keepcount.prometheus``) the host's slots are counted in the store."""
+    duration_count: bool = False
+    """The route's ``http_request_duration_seconds_count`` must equal its
+    ``http_requests_total`` too (counted before the same commit)."""
 
 
 def _gunicorn(*args: str) -> tuple[str, ...]:
@@ -80,6 +90,25 @@ CASES = {
         _gunicorn("-w", "2", "--chdir", "examples/django_app", "mysite.wsgi"),
         2, "/items/1", "/items/<int:item_id>", ("gunicorn", "django"),
     ),
+    # The prometheus_client-style examples (keepcount.prometheus): /metrics
+    # has no keepcount_host_slots, and Starlette's mount answers on /metrics/.
+    "prometheus-flask-gunicorn-max-requests": Case(
+        _gunicorn("-w", "4", "--max-requests", "50", "examples.prometheus_flask_app:app"),
+        4, "/items/1", "/items/<int:item_id>", ("gunicorn", "flask"), recycles=True,
+        host_slots=False, duration_count=True,
+    ),
+    "prometheus-fastapi-uvicorn-workers": Case(
+        ("uvicorn", "--workers", "4", "--host", "127.0.0.1", "--port", "{port}",
+         "examples.prometheus_fastapi_app:app"),
+        4, "/items/1", "/items/{item_id}", ("uvicorn", "fastapi"),
+        metrics="/metrics/", host_slots=False, duration_count=True,
+    ),
+    "prometheus-fastapi-gunicorn-uvicorn-worker": Case(
+        _gunicorn("-w", "2", "-k", "uvicorn_worker.UvicornWorker",
+                  "examples.prometheus_fastapi_app:app"),
+        2, "/items/2", "/items/{item_id}", ("gunicorn", "uvicorn_worker", "fastapi"),
+        metrics="/metrics/", host_slots=False, duration_count=True,
+    ),
 }  # fmt: skip
 
 PACKAGES = {"uvicorn_worker": "uvicorn-worker"}
@@ -100,6 +129,8 @@ class Server:
 
     def __init__(self, case: Case, env: dict[str, str], log: Path) -> None:
         self.case = case
+        self.store = env["KEEPCOUNT_STORE"]
+        self.host = env["KEEPCOUNT_NODE"]
         self.port = free_port()
         args = [a.replace("{port}", str(self.port)) for a in case.args]
         self.log = log
@@ -121,7 +152,7 @@ class Server:
             if self.proc.poll() is not None:
                 pytest.fail(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if httpx.get(f"{self.base}/metrics", timeout=2).status_code == 200:
+                if httpx.get(f"{self.base}{self.case.metrics}", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -189,28 +220,49 @@ def _send(base: str, path: str, n: int) -> int:
             return sum(pool.map(one, range(n)))
 
 
-def _scrape(base: str, route: str) -> tuple[int, int]:
-    """(host's http_requests_total for ``route`` summed over labels, keepcount_host_slots)."""
+def _scrape(server: Server) -> tuple[int, int]:
+    """(host's http_requests_total for the case's route summed over labels,
+    the host's slots); checks the route's duration count if the case says so."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    resp = httpx.get(f"{base}/metrics", timeout=10)  # a new connection: any worker
+    case = server.case
+    resp = httpx.get(server.base + case.metrics, timeout=10)  # a new connection: any worker
     assert resp.status_code == 200, resp.text
-    total, slots = 0, -1
+    total, slots, durations = 0, -1, 0
     for family in text_string_to_metric_families(resp.text):
         for sample in family.samples:
-            if sample.name == "http_requests_total" and sample.labels.get("route") == route:
+            # keepcount's /metrics has integer values, keepcount.prometheus's floats ("12.0").
+            route = sample.labels.get("route")
+            if sample.name == "http_requests_total" and route == case.route:
+                assert float(sample.value).is_integer(), sample
                 total += int(sample.value)
+            elif sample.name == "http_request_duration_seconds_count" and route == case.route:
+                durations += int(sample.value)
             elif sample.name == "keepcount_host_slots":
                 slots = int(sample.value)
-    assert slots >= 0, resp.text
+    if case.duration_count:
+        assert durations == total, f"{durations} observed, {total} counted:\n{resp.text}"
+    if case.host_slots:
+        assert slots >= 0, resp.text
+    else:
+        slots = _store_slots(server.store, server.host)
     return total, slots
+
+
+def _store_slots(url: str, host: str) -> int:
+    """How many slots ``host`` has in the store (what keepcount_host_slots says)."""
+    store = open_store(url)
+    try:
+        return sum(1 for record in store.nodes() if host_of(record.node) == host)
+    finally:
+        store.close()
 
 
 def _check(server: Server, expected: int, scrapes: int = 6) -> None:
     case = server.case
     for _ in range(scrapes):
-        total, slots = _scrape(server.base, case.route)
+        total, slots = _scrape(server)
         assert total == expected, f"host total {total}, acknowledged {expected}"
         assert 1 <= slots <= case.workers, f"{slots} slots for {case.workers} workers"
 

@@ -62,8 +62,12 @@ class HostRead:
 
     @classmethod
     def of(cls, keepcount: Registry) -> HostRead:
-        snapshot = host_snapshot(keepcount._read_store(), keepcount.host)
+        # Liveness first: a slot serving by then has overwritten its dead
+        # holder's rows (``slots.held_slots``), so the rows read next are its
+        # own; read after them, a slot whose new holder began serving in
+        # between would lend its liveness to the dead holder's rows.
         read = cls(live=keepcount.live_slots())
+        snapshot = host_snapshot(keepcount._read_store(), keepcount.host)
         for slot, families in snapshot.families.items():
             for name, definition in families.items():
                 if definition.kind.startswith("prometheus."):
@@ -93,7 +97,9 @@ def host_metrics(read: HostRead, collectors: dict[Any, Any]) -> Iterator[Metric]
         slots = read.definitions[name]
         definition = slots[min(slots)]
         prom_type = _TYPES[definition.kind.split(".")[1]]
-        yield _combine(read, Metric(name, definition.help, prom_type), definition, None)
+        metric = _combine(read, Metric(name, definition.help, prom_type), definition, None)
+        if metric.samples:  # nothing but tombstones: as if never declared
+            yield metric
 
 
 def _combine(read: HostRead, metric: Metric, definition: FamilyDef, wrapper: Any) -> Metric:

@@ -224,6 +224,13 @@ class CollectorRegistry(_PCRegistry):
             yield target
         yield from host_metrics(read, collectors)
 
+    def restricted_registry(self, names: Iterable[str]) -> Any:
+        """Only the samples called ``names`` (``/metrics?name[]=...``); bound,
+        from the host's values too."""
+        if self._keepcount is None:
+            return super().restricted_registry(names)
+        return _Restricted(self, set(names))
+
     def describe(self) -> Iterator[Metric]:
         """What the registered collectors describe (no I/O): lets a
         prometheus_client registry register this one as a collector."""
@@ -233,6 +240,18 @@ class CollectorRegistry(_PCRegistry):
             describe = getattr(collector, "describe", None)
             if describe is not None:
                 yield from describe()
+
+
+class _Restricted:
+    def __init__(self, registry: CollectorRegistry, names: set[str]) -> None:
+        self.registry = registry
+        self.names = names
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            restricted = metric._restricted_metric(self.names)
+            if restricted is not None:
+                yield restricted
 
 
 def family_for(metric: Any, registry: _PCRegistry | None) -> PromFamily:

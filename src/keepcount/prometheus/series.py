@@ -584,9 +584,7 @@ class _LiveGaugeFamily(PromFamily):
 
     def __init__(self, shared: _Shared, definition: FamilyDef, **kw: Any) -> None:
         super().__init__(shared, definition, **kw)
-        self._stale = list(self._restored)
-        self._restored = {}
-        for key in self._stale:  # restored from a dead holder: write tombstones
+        for key in list(self._restored):  # a dead holder's: write tombstones
             self._remove(tuple(json.loads(key)), key)
 
     def _add_stored(self, stored: dict[str, SeriesValue]) -> None:
