@@ -45,6 +45,14 @@ def _attach(metric: Any, registry: _PCRegistry | None) -> None:
         metric._metric_init()
 
 
+def _all_str(values: Any) -> bool:
+    # A loop, not all() of a generator: this is on labels()' fast path.
+    for v in values:  # noqa: SIM110
+        if v.__class__ is not str:
+            return False
+    return True
+
+
 class _Durable:
     """What every metric here adds to prometheus_client's: its series and
     family, and removal that reaches the store (a tombstone per series)."""
@@ -52,6 +60,32 @@ class _Durable:
     _series: Any = None
     _family: Any  # PromFamily; None only inside __init__
     _labelnames: tuple[str, ...]
+
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> Any:
+        """The child of a label set (prometheus_client's ``labels()``).
+
+        A child made before is found by the values as given, when they are
+        the strings it was made with; anything else (other types, a wrong
+        count, a chained call) takes prometheus_client's path, with its
+        conversions and errors.
+        """
+        children = self.__dict__.get("_metrics")
+        if children is not None:
+            if labelkwargs:
+                if not labelvalues and len(labelkwargs) == len(self._labelnames):
+                    try:
+                        key = tuple([labelkwargs[n] for n in self._labelnames])
+                    except KeyError:
+                        key = ()
+                    if key and _all_str(key):
+                        child = children.get(key)
+                        if child is not None:
+                            return child
+            elif _all_str(labelvalues):
+                child = children.get(labelvalues)
+                if child is not None:
+                    return child
+        return super().labels(*labelvalues, **labelkwargs)  # type: ignore[misc]
 
     def remove(self, *labelvalues: Any) -> None:
         """Remove the given labelset from the metric (durably)."""

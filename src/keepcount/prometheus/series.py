@@ -186,7 +186,9 @@ class _Series:
         self._set = False
 
 
-class CounterSeries(_Series):
+class _ValueSeries(_Series):
+    """One float that ``inc()`` adds to: a counter's or a gauge's."""
+
     __slots__ = ("value",)
 
     def __init__(self, family: PromFamily, values: tuple[str, ...], key: str) -> None:
@@ -200,16 +202,24 @@ class CounterSeries(_Series):
                 self._dirty = True
                 self._mark(self)
 
+    def get(self) -> float:
+        with self._lock:
+            return self.value
+
+    def _reset(self) -> None:
+        self.value = 0.0
+
+
+class CounterSeries(_ValueSeries):
+    __slots__ = ()
+
     def set(self, value: float) -> None:
+        """``Counter.reset()``: a new series from ``value``, created now."""
         with self._lock:
             self.value = value
             self.created = time.time()
             self._set = True
             self._touch()
-
-    def get(self) -> float:
-        with self._lock:
-            return self.value
 
     def _fields(self) -> list[Any]:
         return [self.value, self.created]
@@ -223,24 +233,13 @@ class CounterSeries(_Series):
         self.value += _float(value)
         self.created = _float(created)
 
-    def _reset(self) -> None:
-        self.value = 0.0
 
-
-class GaugeSeries(_Series):
-    __slots__ = ("set_at", "value")
+class GaugeSeries(_ValueSeries):
+    __slots__ = ("set_at",)
 
     def __init__(self, family: PromFamily, values: tuple[str, ...], key: str) -> None:
         super().__init__(family, values, key)
-        self.value = 0.0
         self.set_at = 0.0
-
-    def inc(self, amount: float) -> None:
-        with self._lock:
-            self.value += amount
-            if not self._dirty:
-                self._dirty = True
-                self._mark(self)
 
     def set(self, value: float, timestamp: float = 0.0) -> None:
         """Set the value; ``timestamp`` (unix time) for the ``mostrecent`` modes."""
@@ -251,10 +250,6 @@ class GaugeSeries(_Series):
             if not self._dirty:
                 self._dirty = True
                 self._mark(self)
-
-    def get(self) -> float:
-        with self._lock:
-            return self.value
 
     def _fields(self) -> list[Any]:
         return [self.value, self.set_at]
