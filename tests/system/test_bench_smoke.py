@@ -74,6 +74,29 @@ def test_bench_durable_reports_group_commit(tmp_path: Path) -> None:
     assert notes["writers"] == 64
 
 
+def test_bench_prometheus_quick_times_every_case_against_both_peers(tmp_path: Path) -> None:
+    """`keepcount bench prometheus --quick`: every case timed against prometheus_client
+    in memory (the targets) and in multiprocess mode (its child process answered)."""
+    out = tmp_path / "p.json"
+    proc = subprocess.run(
+        [*_keepcount(), "bench", "prometheus", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    comparisons = json.loads(out.read_text())["benchmarks"]["prometheus"]["comparisons"]
+    peers = {c["peer_name"] for c in comparisons}
+    assert len(peers) == 2 and any("multiprocess" in p for p in peers), peers
+    assert len(comparisons) == 3 * 8
+    for c in comparisons:
+        assert c["keepcount"] > 0 and c["peer"] > 0 and c["ratio"] > 0, c["measure"]
+    targeted = [c["measure"] for c in comparisons if c["target"]]
+    assert len(targeted) == 5, targeted
+    assert all(c["met"] in (True, False) for c in comparisons if c["target"])
+
+
 def test_bench_workers_quick_keeps_every_durable_count(tmp_path: Path) -> None:
     """`keepcount bench workers --quick`: gunicorn -w 2, sane figures, and keepcount
     durable still shows every acknowledged request after a SIGKILL of the whole server."""

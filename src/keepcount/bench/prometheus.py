@@ -184,7 +184,8 @@ def _measure(
     """Per case: every side's ns/op figures, and the loops of its repetitions.
 
     Each side runs once per repetition, in turn (ours, ours with the flusher,
-    peer, multiprocess peer, then again), so all see the same swings."""
+    peer, multiprocess peer), so all see the same swings; the turn starts one
+    side later each repetition, so none is always first after the one before."""
     rows = []
     total = len(_CASES) * repeats
     for n, case in enumerate(_CASES):
@@ -196,9 +197,10 @@ def _measure(
         }
         samplers["mp"] = functools.partial(mp.time, case.stmt, loops["mp"])
         figures: dict[str, list[float]] = {k: [] for k in samplers}
+        order = list(samplers)
         for i in range(repeats):
-            for k, sample in samplers.items():
-                figures[k].append(sample())
+            for k in order[i % len(order) :] + order[: i % len(order)]:
+                figures[k].append(samplers[k]())
             report(n * repeats + i + 1, total, f"prometheus: {case.measure} {i + 1}/{repeats}")
         rows.append((figures, loops))
     return rows

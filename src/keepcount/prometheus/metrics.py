@@ -72,12 +72,10 @@ class _Durable:
         children = self.__dict__.get("_metrics")
         if children is not None:
             if labelkwargs:
-                if not labelvalues and len(labelkwargs) == len(self._labelnames):
-                    try:
-                        key = tuple([labelkwargs[n] for n in self._labelnames])
-                    except KeyError:
-                        key = ()
-                    if key and _all_str(key):
+                # Names in labelnames order, the usual case, need no reordering.
+                if not labelvalues and tuple(labelkwargs) == self._labelnames:
+                    key = tuple(labelkwargs.values())
+                    if _all_str(key):
                         child = children.get(key)
                         if child is not None:
                             return child
