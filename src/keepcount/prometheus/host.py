@@ -176,7 +176,7 @@ def _gauge(add: Any, name: str, labels: dict[str, str], parts: list[Any], mode: 
         return
     values = [_float(f[0]) for _, f in parts]
     if mode == "sum":
-        add(name, labels, sum(values))
+        add(name, labels, sum(values, -0.0))  # -0.0 + x is x, even for x = -0.0
     elif mode == "min":
         add(name, labels, min(values))
     elif mode == "max":

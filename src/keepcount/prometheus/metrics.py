@@ -146,7 +146,7 @@ class Counter(_Durable, _pc.Counter):
 
     def reset(self) -> None:
         """Reset the counter to zero (durably: the next flush writes it)."""
-        self._value.set(0.0)
+        self._value.set(0)
 
     def _child_samples(self) -> Iterable[Sample]:
         series = self._series
@@ -292,6 +292,16 @@ class Histogram(_Durable, _pc.Histogram):
         )  # fmt: skip
         if _family is None:
             _attach(self, registry)
+
+    def _prepare_buckets(self, source_buckets: Sequence[float | str]) -> None:
+        super()._prepare_buckets(source_buckets)
+        bounds = self._upper_bounds
+        if not all(math.isfinite(b) for b in bounds[:-1]):
+            # prometheus_client takes NaN, -Inf or +Inf twice: no store could
+            # give such bounds back as they were (keepcount's one difference).
+            raise ValueError(
+                f"Bucket bounds must be finite numbers, then +Inf last: {list(source_buckets)}"
+            )
 
     def _metric_init(self) -> None:
         if self._family is not None:

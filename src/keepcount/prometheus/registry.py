@@ -127,6 +127,8 @@ class CollectorRegistry(_PCRegistry):
             shared.mark = mark
             changed = False
             for family in self._families.values():
+                if isinstance(family, PromFamily):
+                    family.stored = True
                 for series in family._children.values():
                     series._mark = mark
                     if series._dirty:
@@ -184,6 +186,7 @@ class CollectorRegistry(_PCRegistry):
             if not isinstance(family, PromFamily):
                 raise InvalidInput(f"{definition.name} is a keepcount {family.definition.kind}")
         family.new_series = self._made
+        family.stored = self._keepcount is not None
         return family
 
     # -- durability -----------------------------------------------------------------

@@ -71,6 +71,7 @@ GAUGE_MODES = frozenset((
 LIVE_MODES = frozenset(m for m in GAUGE_MODES if m.startswith("live"))
 
 _encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_JSON_SCALAR = (str, int, float, bool)
 _NONFINITE = {"+Inf": math.inf, "-Inf": -math.inf, "NaN": math.nan}
 
 
@@ -135,8 +136,8 @@ class _Series:
     """One label set's state; every field changes under the registry lock."""
 
     __slots__ = (
-        "_dirty", "_durable", "_lock", "_mark", "_set", "created", "family", "key",
-        "labelvalues", "removed",
+        "_dirty", "_durable", "_lock", "_mark", "_set", "_successor", "created", "family",
+        "key", "labelvalues", "removed",
     )  # fmt: skip
 
     def __init__(self, family: PromFamily, values: tuple[str, ...], key: str) -> None:
@@ -148,6 +149,10 @@ class _Series:
         self._set = False
         """A value was set (not added to) since the slot was bound: it wins over the stored one."""
         self._durable: SeriesValue | None = None
+        self._successor: _Series | None = None
+        """The series made for the same label set after this one was removed:
+        what this one writes from then on (an old child object a caller kept
+        counts alone, as in prometheus_client, and never overwrites it)."""
         self._dirty = False
         self._lock = family._shared.lock
         self._mark = family._shared.mark
@@ -162,6 +167,8 @@ class _Series:
         raise NotImplementedError
 
     def _state(self) -> SeriesValue:
+        if self._successor is not None:
+            return self._successor._state()
         return TOMBSTONE if self.removed else encode(self._fields())
 
     def _load(self, fields: list[Any]) -> None:
@@ -282,11 +289,11 @@ class SummarySeries(_Series):
 
     def observe(self, amount: float) -> None:
         with self._lock:
-            self.count += 1.0
-            self.sum += amount  # after the count, as prometheus_client's order
-            if not self._dirty:
+            if not self._dirty:  # first: the count changes even if the sum then raises
                 self._dirty = True
                 self._mark(self)
+            self.count += 1.0
+            self.sum += amount  # after the count, as prometheus_client's order
 
     def _fields(self) -> list[Any]:
         return [self.count, self.sum, self.created]
@@ -366,12 +373,17 @@ class InfoSeries(_Series):
             return self.labels
 
     def _fields(self) -> list[Any]:
-        return [{str(k): str(v) for k, v in self.labels.items()}, self.set_at]
+        # Values as given (prometheus_client fails at exposition on a value
+        # that is not a str, and so will the host's view), but always storable.
+        return [
+            {str(k): v if isinstance(v, _JSON_SCALAR) else str(v) for k, v in self.labels.items()},
+            self.set_at,
+        ]
 
     def _load(self, fields: list[Any]) -> None:
         labels, set_at = fields
-        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
-            raise ValueError("info labels must be an object of strings")
+        if not isinstance(labels, dict):
+            raise ValueError("info labels must be a JSON object")
         self.labels, self.set_at = labels, _float(set_at)
 
     _load_sum = _load
@@ -437,6 +449,16 @@ class PromFamily(MetricFamily[Any]):
         super().__init__(shared, definition, max_children=None, restored=live)
         self.states: tuple[str, ...] = ()
         """Enum states, set by the metric that declares the family."""
+        self.loaded = restored is not None
+        """The slot's stored series were given (made by a restore), or added
+        since (``_add_stored``): a series not among them is not stored."""
+        self._dropped: set[str] = set()
+        self._dropped_where: list[Callable[[tuple[str, ...]], bool]] = []
+        """Keys removed before the slot's series were read: their stored
+        values are not added when they are (the removal came later)."""
+        self.stored = restored is not None
+        """In a store (made by a restore, or set by a store-bound registry):
+        removals write tombstones, also of series not read yet."""
         self.new_series: Callable[[Any], None] = self._mark_new
         """Called (lock held) with a series just made, not dirty: by default
         it is marked dirty, so its zero value is written by the next flush;
@@ -459,14 +481,12 @@ class PromFamily(MetricFamily[Any]):
                 _check_utf8(self.name, values)
             key = label_key(values)
             raw = self._restored.pop(key, None)
-            if series is None:
-                series = self.series_class(self, values, key)
-                self._children[values] = series
+            old, series = series, self.series_class(self, values, key)
+            self._children[values] = series
+            if old is None:
                 self._count += 1
-            else:  # removed earlier: a fresh series
-                series.removed = False
-                series._zero()
-                series.created = time.time()
+            else:  # removed earlier: a fresh series, written in the old one's place
+                old._successor = series
             if raw is not None:
                 self._load_into(series, raw)
             if not series._dirty:
@@ -478,7 +498,7 @@ class PromFamily(MetricFamily[Any]):
             fields = decode(raw)
             if fields is not None:
                 series._load(fields)
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:
             raise CorruptStore(
                 f"{self.name}{list(series.labelvalues)}: stored value {str(raw)[:80]!r} "
                 f"is not a {self.definition.kind}: {exc}"
@@ -493,6 +513,8 @@ class PromFamily(MetricFamily[Any]):
 
     def remove_where(self, match: Callable[[tuple[str, ...]], bool]) -> None:
         with self._lock:
+            if self.stored and not self.loaded:
+                self._dropped_where.append(match)
             for values, series in list(self._children.items()):
                 if not series.removed and match(values):
                     self._remove(values, series.key)
@@ -507,9 +529,17 @@ class PromFamily(MetricFamily[Any]):
 
     def _remove(self, values: tuple[str, ...], key: str) -> None:
         series = self._children.get(values)
+        restored = self._restored.pop(key, None)
+        if not self.stored:  # in memory: nothing to overwrite, nothing to keep
+            if series is not None:
+                del self._children[values]
+                self._count -= 1
+            return
+        if not self.loaded:
+            self._dropped.add(key)  # what the slot holds under it is gone too
         if series is None:
-            if self._restored.pop(key, None) is None:
-                return
+            if restored is None and self.loaded:
+                return  # nothing stored under it: nothing to overwrite
             series = self.series_class(self, values, key)
             self._children[values] = series
             self._count += 1
@@ -544,11 +574,19 @@ class PromFamily(MetricFamily[Any]):
         pass  # a series' created time is part of its stored value
 
     def _add_stored(self, stored: dict[str, SeriesValue]) -> None:
+        self.loaded = True
+        dropped, self._dropped = self._dropped, set()
+        where, self._dropped_where = self._dropped_where, []
         for key, raw in stored.items():
             if raw == TOMBSTONE:
                 continue
             values = tuple(json.loads(key))
             series = self._children.get(values)
+            if key in dropped or any(match(values) for match in where):
+                if series is None:  # removed before it was read: overwrite it
+                    self._restored[key] = raw
+                    self._remove(values, key)
+                continue
             if series is None:
                 self._restored[key] = raw
             elif series.removed:
@@ -558,7 +596,7 @@ class PromFamily(MetricFamily[Any]):
                     fields = decode(raw)
                     if fields is not None:
                         series._add(fields, raw)
-                except (ValueError, TypeError, KeyError) as exc:
+                except (ValueError, TypeError, KeyError, OverflowError) as exc:
                     raise CorruptStore(
                         f"{self.name}{list(values)}: stored value {str(raw)[:80]!r} "
                         f"is not a {self.definition.kind}: {exc}"
@@ -566,6 +604,8 @@ class PromFamily(MetricFamily[Any]):
 
     def _zero(self) -> None:
         self._restored = {}
+        self.loaded = False
+        self._dropped, self._dropped_where = set(), []
         for values, series in self._children.items():
             if values is series.labelvalues and not series.removed:
                 series._zero()
