@@ -390,7 +390,7 @@ class Registry(SlotBinding):
             return Histogram(self._shared, definition, max_children=limit, restored=values)
         # A family written through keepcount.prometheus (restored before the
         # process declared it, or found in a node's rows): its own classes.
-        from keepcount.prometheus.series import family_class
+        from keepcount.prometheus.families import family_class
 
         return family_class(definition)(self._shared, definition, restored=values)
 

@@ -36,7 +36,8 @@ from keepcount.registry import Registry
 from keepcount.stores.base import FamilyDef
 from keepcount.totals import host_snapshot
 
-from .series import TOMBSTONE, PromFamily, _float, decode
+from .families import PromFamily
+from .series import TOMBSTONE, _float, decode
 
 __all__ = ["HostRead", "host_metrics"]
 

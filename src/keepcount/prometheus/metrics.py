@@ -29,8 +29,8 @@ from prometheus_client.registry import CollectorRegistry as _PCRegistry
 from prometheus_client.samples import Exemplar, Sample
 from prometheus_client.utils import floatToGoString
 
+from keepcount.prometheus.families import PromFamily
 from keepcount.prometheus.registry import REGISTRY, family_for
-from keepcount.prometheus.series import PromFamily
 
 __all__ = ["Counter", "Enum", "Gauge", "Histogram", "Info", "Summary"]
 

@@ -46,8 +46,9 @@ from keepcount.registry import Registry, open_lazily
 from keepcount.slots import DEFAULT_MAX_SLOTS
 from keepcount.stores.base import FamilyDef
 
+from .families import PromFamily, family_class, memory_shared
 from .host import HostRead, host_metrics
-from .series import PromFamily, family_class, kind_of, memory_shared
+from .series import kind_of
 
 __all__ = ["REGISTRY", "CollectorRegistry", "configure", "family_for"]
 
