@@ -143,7 +143,15 @@ def test_quorum_survives_one_kill_is_unavailable_with_two_and_returns_after_rest
 
         cassandra_up.start()  # node 2 back: all three UP again
         assert cassandra_up.live() == [0, 1, 2]
-        assert all(cassandra_up.alive_seen_by(i) == 3 for i in range(3))
+        # UP in gossip (what start() awaits) comes before the restarted node
+        # answers a CL ALL probe in time (None: a replica held alive did not
+        # answer within the probe's timeout): await the answer, bounded.
+        deadline = time.monotonic() + 60
+        seen = [cassandra_up.alive_seen_by(i) for i in range(3)]
+        while seen != [3, 3, 3] and time.monotonic() < deadline:
+            time.sleep(0.2)  # poll interval
+            seen = [cassandra_up.alive_seen_by(i) for i in range(3)]
+        assert seen == [3, 3, 3]
         write(s, ks, "d", 4, ConsistencyLevel.ALL)
 
 
