@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import tempfile
 import timeit
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import prometheus_client
 
 import keepcount
-from keepcount.bench.measure import interleave, median, progress
+from keepcount.bench.measure import interleave, median, progress, timeit_loops, timeit_sampler
 from keepcount.bench.result import BenchResult, Comparison, Report, Settings, Target
 
 __all__ = ["run"]
@@ -66,11 +65,11 @@ def run(settings: Settings, report: Report) -> BenchResult:
             for n, case in enumerate(_CASES):
                 ours = timeit.Timer(case.stmt, globals=ours_ns)
                 peer = timeit.Timer(case.stmt, globals=peer_ns)
-                number = _loops(peer, seconds_per_repeat)
+                number = timeit_loops(peer, seconds_per_repeat)
 
                 a, b = interleave(
-                    _sampler(ours, number),
-                    _sampler(peer, number),
+                    timeit_sampler(ours, number),
+                    timeit_sampler(peer, number),
                     repeats,
                     progress(report, n * repeats, total, f"inc: {case.measure}", repeats),
                 )
@@ -89,19 +88,3 @@ def run(settings: Settings, report: Report) -> BenchResult:
             reg.close()
     result.notes = {"timer": "timeit, gc disabled; median of interleaved repeats"}
     return result
-
-
-def _sampler(timer: timeit.Timer, number: int) -> Callable[[], float]:
-    """One repetition: ``number`` loops, returned as nanoseconds per loop."""
-
-    def sample() -> float:
-        return timer.timeit(number) / number * 1e9
-
-    return sample
-
-
-def _loops(timer: timeit.Timer, seconds: float) -> int:
-    """Loops per repetition so one repetition of the peer takes about ``seconds``."""
-    probe = 2000
-    per_op = max(timer.timeit(probe) / probe, 1e-9)
-    return max(1000, min(5_000_000, int(seconds / per_op)))

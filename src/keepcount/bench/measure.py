@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import statistics
+import timeit
 from collections.abc import Callable, Sequence
 
 from keepcount.bench.result import Report
 
-__all__ = ["interleave", "median", "percentile", "progress"]
+__all__ = ["interleave", "median", "percentile", "progress", "timeit_loops", "timeit_sampler"]
 
 
 def interleave(
@@ -56,3 +57,19 @@ def percentile(values: Sequence[float], p: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(p / 100 * len(ordered)))
     return float(ordered[rank - 1])
+
+
+def timeit_sampler(timer: timeit.Timer, number: int) -> Callable[[], float]:
+    """One repetition: ``number`` loops, returned as nanoseconds per loop."""
+
+    def sample() -> float:
+        return timer.timeit(number) / number * 1e9
+
+    return sample
+
+
+def timeit_loops(timer: timeit.Timer, seconds: float) -> int:
+    """Loops per repetition so one repetition takes about ``seconds``."""
+    probe = 2000
+    per_op = max(timer.timeit(probe) / probe, 1e-9)
+    return max(1000, min(5_000_000, int(seconds / per_op)))

@@ -42,7 +42,7 @@ from typing import Any
 import prometheus_client
 
 import keepcount.prometheus as kp
-from keepcount.bench.measure import median
+from keepcount.bench.measure import median, timeit_loops, timeit_sampler
 from keepcount.bench.result import BenchError, BenchResult, Comparison, Report, Settings, Target
 from keepcount.commit import DEFAULT_FLUSH_INTERVAL
 
@@ -190,10 +190,10 @@ def _measure(
     total = len(_CASES) * repeats
     for n, case in enumerate(_CASES):
         timers = {k: timeit.Timer(case.stmt, globals=ns) for k, ns in namespaces.items()}
-        number = _loops(timers["peer"], seconds)
+        number = timeit_loops(timers["peer"], seconds)
         loops = {"peer": number, "mp": mp.loops(case.stmt, seconds)}
         samplers: dict[str, Callable[[], float]] = {
-            k: _sampler(timer, number) for k, timer in timers.items()
+            k: timeit_sampler(timer, number) for k, timer in timers.items()
         }
         samplers["mp"] = functools.partial(mp.time, case.stmt, loops["mp"])
         figures: dict[str, list[float]] = {k: [] for k in samplers}
@@ -204,22 +204,6 @@ def _measure(
             report(n * repeats + i + 1, total, f"prometheus: {case.measure} {i + 1}/{repeats}")
         rows.append((figures, loops))
     return rows
-
-
-def _sampler(timer: timeit.Timer, number: int) -> Callable[[], float]:
-    """One repetition: ``number`` loops, returned as nanoseconds per loop."""
-
-    def sample() -> float:
-        return timer.timeit(number) / number * 1e9
-
-    return sample
-
-
-def _loops(timer: timeit.Timer, seconds: float) -> int:
-    """Loops per repetition so one repetition takes about ``seconds``."""
-    probe = 2000
-    per_op = max(timer.timeit(probe) / probe, 1e-9)
-    return max(1000, min(5_000_000, int(seconds / per_op)))
 
 
 # -- the multiprocess-mode peer ---------------------------------------------------
@@ -302,7 +286,7 @@ def _serve() -> int:
             stmt = request["stmt"]
             timer = timers.setdefault(stmt, timeit.Timer(stmt, globals=namespace))
             if request["op"] == "loops":
-                answer: dict[str, Any] = {"loops": _loops(timer, float(request["seconds"]))}
+                answer: dict[str, Any] = {"loops": timeit_loops(timer, float(request["seconds"]))}
             else:
                 number = int(request["number"])
                 answer = {"ns": timer.timeit(number) / number * 1e9}
