@@ -499,10 +499,12 @@ class Registry(SlotBinding):
         return cluster_totals(host_snapshot(self._read_store(), self.host, name))
 
     def live_slots(self) -> set[str]:
-        """The slots of this host a live process holds now: by their locks,
-        or (slots taken through a coordinator) those claimed and not
-        released in the store, which counts a killed holder's slot until it
-        is taken again.  Reads the store, as ``cluster()``."""
+        """The slots of this host a live process holds now: by their locks
+        (once their holder's first write landed), or the claims a
+        coordinator lists; failing both (a coordinator client not open in
+        this process), those claimed and not released in the store, which
+        counts a killed holder's slot until it is taken again.  Reads the
+        store, as ``cluster()``."""
         live = None if self._slots is None else self._slots.claimer.live(self.host)
         if live is None:
             live = {

@@ -409,7 +409,17 @@ class CoordinatorClaimer:
         )
 
     def live(self, host: str) -> set[str] | None:
-        return None  # a lease's holder is not listed here: the store's records tell
+        """The slots whose claim the coordinator lists now: a SIGKILLed
+        holder's drops out once its lease ran out.  (Unlike local locks, a
+        new holder counts from its claim, a few milliseconds before its first
+        write.)  None if this process has no client open, or it fails."""
+        if self._coordinator is None:
+            return None  # not opened here: a scrape does not open one
+        try:
+            members = self._coordinator.members()
+        except KeepcountError:
+            return None
+        return {node for node in members if host_of(node) == host}
 
     def close(self) -> None:
         coordinator, self._coordinator = self._coordinator, None

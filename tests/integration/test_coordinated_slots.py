@@ -196,3 +196,48 @@ def test_forked_children_claim_their_own_slots(
     assert len(children) == 3 and len(set(children)) == 3, out
     assert "parent-holds False" in out
     assert "total [30]" in out
+
+
+PROM_HOLDER = textwrap.dedent(
+    """
+    import sys
+    import keepcount.prometheus as kp
+    reg = kp.CollectorRegistry(store=sys.argv[1], node="web-1", coordinator=sys.argv[2])
+    kp.Gauge("inflight", "In flight", registry=reg, multiprocess_mode="livesum").set(5)
+    reg.commit_sync()
+    print(reg.keepcount.node, flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def test_a_dead_holders_live_gauges_leave_once_its_lease_is_gone(
+    tmp_path: Path, coordinator_url: str
+) -> None:
+    """keepcount.prometheus's live modes through a coordinator: a SIGKILLed
+    holder's live gauge counts while its claim is listed, not after."""
+    import keepcount.prometheus as kp
+
+    url = f"sqlite:///{tmp_path}/c.db"
+    reg = kp.CollectorRegistry(store=url, node="web-1", coordinator=coordinator_url)
+    gauge = kp.Gauge("inflight", "In flight", registry=reg, multiprocess_mode="livesum")
+    gauge.set(1)
+    reg.commit_sync()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PROM_HOLDER, url, coordinator_url],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "web-1@1"
+        assert reg.get_sample_value("inflight") == 6.0
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 15
+        while reg.get_sample_value("inflight") != 1.0:  # the killed holder's lease runs out
+            assert time.monotonic() < deadline, "a dead holder's live gauge stayed"
+            time.sleep(0.2)  # poll the coordinator, not a guess at the TTL
+    finally:
+        proc.kill()
+        proc.communicate()
+        reg.close()
