@@ -1147,6 +1147,11 @@ FOUND: dict[str, Program] = {
         (Declare("Counter", "m0", ("l",)),),
         (Child(On(0, A)), Restart(bind=False)),
     ),
+    # ... also after a restart: the stored int 0 comes back an int.
+    "reset(), a restart, then inc() of an int too large for a float": Program(
+        (Declare("Counter", "m0"),),
+        (Act(On(0, A), COUNTER_RESET), Restart(), Act(On(0, A), COUNTER_INC, amount=10**400)),
+    ),
     # prometheus_client's reset() sets the int 0, and int arithmetic goes on from it.
     "reset() then inc() of an int too large for a float": Program(
         (Declare("Counter", "m0"),),

@@ -77,11 +77,13 @@ def _num(x: float) -> float | str:
 
 
 def _float(v: object) -> float:
+    """A stored number as it was: a float, or an int (prometheus_client's
+    ``Counter.reset()`` sets the int 0, and int arithmetic goes on from it)."""
     if isinstance(v, str):
         return _NONFINITE[v]
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise TypeError(f"not a number: {v!r}")
-    return float(v)
+    return v
 
 
 def encode(fields: list[Any]) -> str:
@@ -211,7 +213,8 @@ class CounterSeries(_ValueSeries):
 
     def _load_sum(self, fields: list[Any]) -> None:
         value, created = fields
-        self.value += _float(value)
+        # Nothing counted yet: the stored value as it is (an int stays an int).
+        self.value = _float(value) + self.value if self.value else _float(value)
         self.created = _float(created)
 
 
@@ -242,7 +245,7 @@ class GaugeSeries(_ValueSeries):
     def _add(self, fields: list[Any], raw: SeriesValue) -> None:
         value, set_at = _float(fields[0]), _float(fields[1])
         if not self._set:
-            self.value += value
+            self.value = value + self.value if self.value else value
             self.set_at = set_at
         elif set_at > self.set_at:  # set here, but set later in the slot (mostrecent)
             self.value, self.set_at = value, set_at
