@@ -438,7 +438,6 @@ def _touch_last(server: Gunicorn, times: int) -> float:
 def test_gauge_modes_combine_gunicorn_workers_through_a_sigkill(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
-    pytest.importorskip("gunicorn")
     rng = random.Random()
     server = Gunicorn(free_port(), env, tmp_path / "gunicorn.log")
     every = {HOST: 10.0, f"{HOST}@1": 11.0, f"{HOST}@2": 12.0}  # 10 + slot index

@@ -79,6 +79,8 @@ class PromFamily(MetricFamily[Any]):
         self.loaded = restored is not None
         """The slot's stored series were given (made by a restore), or added
         since (``_add_stored``): a series not among them is not stored."""
+        self._removed: set[tuple[str, ...]] = set()
+        """Label sets whose series is a tombstone still held (``_prune``)."""
         self._dropped: set[str] = set()
         self._dropped_where: list[Callable[[tuple[str, ...]], bool]] = []
         """Keys removed before the slot's series were read: their stored
@@ -114,6 +116,7 @@ class PromFamily(MetricFamily[Any]):
                 self._count += 1
             else:  # removed earlier: a fresh series, written in the old one's place
                 old._successor = series
+                self._removed.discard(values)
             if raw is not None:
                 self._load_into(series, raw)
             if not series._dirty:
@@ -172,14 +175,16 @@ class PromFamily(MetricFamily[Any]):
             self._count += 1
         series.removed = True
         series._touch()
+        self._removed.add(values)
 
     def _prune(self) -> None:
         """Forget removed series whose tombstone is written (lock held)."""
-        gone = [v for v, s in self._children.items() if s.removed and not s._dirty]
-        for values in gone:
-            if self._children[values]._durable == TOMBSTONE:
+        for values in list(self._removed):  # not every series: removals may come in a loop
+            series = self._children[values]
+            if not series._dirty and series._durable == TOMBSTONE:
                 del self._children[values]
                 self._count -= 1
+                self._removed.discard(values)
 
     # -- MetricFamily hooks (restore, rebinding after a fork) -----------------
 
