@@ -80,6 +80,16 @@ class Server:
                 pass
             time.sleep(0.05)  # poll interval while the server boots
 
+    def wait_slots(self, n: int) -> None:
+        """Until the host's /metrics counts ``n`` slots: every worker has
+        booted and claimed one (the first 200 only proves one worker is up)."""
+        deadline = time.monotonic() + 60
+        while (slots := host_total(self.port)[1]) < n:
+            assert time.monotonic() < deadline, (
+                f"{slots} of {n} slots:\n{self.log.read_text()[-3000:]}"
+            )
+            time.sleep(0.05)  # poll interval while the workers boot
+
     def workers(self) -> list[int]:
         """Worker pids: the master's children that serve (not helpers)."""
         assert self.proc is not None
@@ -318,6 +328,7 @@ def test_two_hosts_on_one_store_show_their_own_totals(tmp_path: Path, env: dict[
     try:
         for s in servers:
             s.start()
+            s.wait_slots(2)
         sent = {ports[0]: 40, ports[1]: 25}
         for port, n in sent.items():
             for _ in range(n):
