@@ -29,6 +29,7 @@ next flush).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ __all__ = [
     "CoordinatorUnavailable",
     "CorruptStore",
     "DefinitionConflict",
+    "ErrorCode",
     "Fenced",
     "IdempotencyKeyReused",
     "InvalidInput",
@@ -52,35 +54,72 @@ __all__ = [
 ]
 
 
+class ErrorCode(enum.StrEnum):
+    """Every stable ``code`` of an error: each class below has one, and the
+    HTTP node answers ``{"error": {"code", "message"}}`` with one of these
+    and nothing else (its own codes are the second group)."""
+
+    KEEPCOUNT_ERROR = "keepcount_error"
+    INVALID_INPUT = "invalid_input"
+    TOO_MANY_LABEL_SETS = "too_many_label_sets"
+    DEFINITION_CONFLICT = "definition_conflict"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    IDEMPOTENCY_KEY_CONFLICT = "idempotency_key_conflict"
+    STORE_ERROR = "store_error"
+    STORE_UNAVAILABLE = "store_unavailable"
+    OUTCOME_UNKNOWN = "outcome_unknown"
+    CORRUPT_STORE = "corrupt_store"
+    CLAIM_ERROR = "claim_error"
+    CLAIM_CONFLICT = "claim_conflict"
+    CLAIM_LOST = "claim_lost"
+    FENCED = "fenced"
+    COORDINATOR_UNAVAILABLE = "coordinator_unavailable"
+    REGISTRY_CLOSED = "registry_closed"
+    # The HTTP node's own (keepcount.node):
+    MALFORMED_JSON = "malformed_json"
+    INVALID_AMOUNT = "invalid_amount"
+    INVALID_IDEMPOTENCY_KEY = "invalid_idempotency_key"
+    UNAUTHORIZED = "unauthorized"
+    BODY_TOO_LARGE = "body_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    NOT_READY = "not_ready"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    HTTP_ERROR = "http_error"
+    CLIENT_DISCONNECTED = "client_disconnected"
+    INTERNAL_ERROR = "internal_error"
+
+
 class KeepcountError(Exception):
     """Root of every error keepcount raises on purpose."""
 
-    code = "keepcount_error"
+    code: str = ErrorCode.KEEPCOUNT_ERROR
+    """Stable; an ``ErrorCode`` for every error the node can answer with."""
 
 
 class InvalidInput(KeepcountError, ValueError):
     """A name, label, amount, URL or option was rejected; nothing changed."""
 
-    code = "invalid_input"
+    code = ErrorCode.INVALID_INPUT
 
 
 class CardinalityError(InvalidInput):
     """A metric family already holds its maximum number of label sets."""
 
-    code = "too_many_label_sets"
+    code = ErrorCode.TOO_MANY_LABEL_SETS
 
 
 class DefinitionConflict(InvalidInput):
     """A metric was declared again with another kind, label names or buckets."""
 
-    code = "definition_conflict"
+    code = ErrorCode.DEFINITION_CONFLICT
 
 
 class IdempotencyKeyReused(InvalidInput):
     """An ``Idempotency-Key`` came back with a different request than the one
     first recorded under it; nothing was counted."""
 
-    code = "idempotency_key_reused"
+    code = ErrorCode.IDEMPOTENCY_KEY_REUSED
 
 
 class KeyConflict(KeepcountError):
@@ -91,7 +130,7 @@ class KeyConflict(KeepcountError):
     wrote nothing.  Internal to the group commit, which resolves it: it never
     reaches an application."""
 
-    code = "idempotency_key_conflict"
+    code = ErrorCode.IDEMPOTENCY_KEY_CONFLICT
 
     def __init__(self, message: str, keys: Sequence[str] = (), pending: Sequence[str] = ()) -> None:
         super().__init__(message)
@@ -105,7 +144,7 @@ class KeyConflict(KeepcountError):
 class StoreError(KeepcountError):
     """The store failed; see the subclasses for what the caller may assume."""
 
-    code = "store_error"
+    code = ErrorCode.STORE_ERROR
 
 
 class StoreUnavailable(StoreError):
@@ -114,7 +153,7 @@ class StoreUnavailable(StoreError):
     Nothing of the failed operation was made durable; retrying is safe.
     """
 
-    code = "store_unavailable"
+    code = ErrorCode.STORE_UNAVAILABLE
 
 
 class OutcomeUnknown(StoreUnavailable):
@@ -124,7 +163,7 @@ class OutcomeUnknown(StoreUnavailable):
     next flush writes them again; the waiters were not acknowledged.
     """
 
-    code = "outcome_unknown"
+    code = ErrorCode.OUTCOME_UNKNOWN
 
 
 class CorruptStore(StoreError):
@@ -134,19 +173,19 @@ class CorruptStore(StoreError):
     file (or keyspace) and the problem.
     """
 
-    code = "corrupt_store"
+    code = ErrorCode.CORRUPT_STORE
 
 
 class ClaimError(KeepcountError):
     """The node id could not be claimed or the claim was lost."""
 
-    code = "claim_error"
+    code = ErrorCode.CLAIM_ERROR
 
 
 class ClaimConflict(ClaimError):
     """Another live process holds the claim on this node id."""
 
-    code = "claim_conflict"
+    code = ErrorCode.CLAIM_CONFLICT
 
 
 class ClaimLost(ClaimError):
@@ -154,7 +193,7 @@ class ClaimLost(ClaimError):
     not be reached before the local deadline (grant time + TTL - margin).
     Nothing more is acknowledged under it."""
 
-    code = "claim_lost"
+    code = ErrorCode.CLAIM_LOST
 
 
 class Fenced(ClaimError):
@@ -164,16 +203,16 @@ class Fenced(ClaimError):
     this error, and no write of this incarnation reaches the store any more.
     """
 
-    code = "fenced"
+    code = ErrorCode.FENCED
 
 
 class CoordinatorUnavailable(KeepcountError):
     """The coordinator (etcd, ZooKeeper) did not answer in time; retry later."""
 
-    code = "coordinator_unavailable"
+    code = ErrorCode.COORDINATOR_UNAVAILABLE
 
 
 class RegistryClosed(KeepcountError):
     """The registry was closed; open a new one."""
 
-    code = "registry_closed"
+    code = ErrorCode.REGISTRY_CLOSED

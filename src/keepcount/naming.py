@@ -13,7 +13,10 @@ from collections.abc import Iterable, Sequence
 from keepcount.errors import InvalidInput
 
 __all__ = [
+    "LABEL_NAME_PATTERN",
     "MAX_LABEL_VALUE_LENGTH",
+    "METRIC_NAME_PATTERN",
+    "RESERVED_SUFFIXES",
     "check_label_names",
     "check_metric_name",
     "check_host_id",
@@ -21,8 +24,11 @@ __all__ = [
     "label_value",
 ]
 
-_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+METRIC_NAME_PATTERN = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+"""A metric name (Prometheus' rule); the OpenAPI document states the same pattern."""
+LABEL_NAME_PATTERN = r"[a-zA-Z_][a-zA-Z0-9_]*"
+_METRIC_NAME = re.compile(METRIC_NAME_PATTERN)
+_LABEL_NAME = re.compile(LABEL_NAME_PATTERN)
 _HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 # A store node id: a host id, or one of its worker slots ("web-1@2", keepcount.slots).
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}(?:@[1-9][0-9]{0,3})?")
@@ -34,7 +40,7 @@ MAX_LABEL_VALUE_LENGTH = 1024
 
 # Suffixes the exposition adds to families; a family named with one of them
 # would collide with another family's samples.
-_RESERVED_SUFFIXES = ("_bucket", "_count", "_sum", "_created")
+RESERVED_SUFFIXES = ("_bucket", "_count", "_sum", "_created")
 
 
 def check_metric_name(name: object) -> str:
@@ -45,9 +51,9 @@ def check_metric_name(name: object) -> str:
         )
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidInput(f"metric name is longer than {MAX_NAME_LENGTH} characters")
-    if name.endswith(_RESERVED_SUFFIXES):
+    if name.endswith(RESERVED_SUFFIXES):
         raise InvalidInput(
-            f"invalid metric name {name!r}: the suffixes {', '.join(_RESERVED_SUFFIXES)} "
+            f"invalid metric name {name!r}: the suffixes {', '.join(RESERVED_SUFFIXES)} "
             "are reserved for exposed samples"
         )
     return name

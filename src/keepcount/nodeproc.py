@@ -1,32 +1,34 @@
 """A ``keepcount node`` as a child process: start it, await readiness, signal it.
 
-Used by the system tests, the benchmarks and (later) the cluster tooling.
-Readiness is awaited by polling ``/readyz`` against a deadline, never by a
-fixed sleep.
+Used by the system tests, the benchmarks and the cluster's supervisor.  A
+``keepcount.process.ManagedProcess``: its exit is awaited (``wait``,
+``await exited()``), its readiness by polling ``/readyz`` against a deadline,
+never by a fixed sleep.  ``http_request`` / ``http_get`` are the tooling's
+plain-HTTP calls to loopback servers (httpx).
 
 Example::
 
     node = NodeProcess("node-1", "sqlite:////tmp/c.db", port=free_port())
     node.start()
     node.wait_ready(timeout=10)
-    node.kill()            # SIGKILL
-    node.wait()
+    node.kill()            # SIGKILL; returns once reaped
+    node.wait()            # -9
 """
 
 from __future__ import annotations
 
-import http.client
-import os
+import functools
 import random
-import signal
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["NodeProcess", "free_port", "http_get"]
+import httpx
+
+from keepcount.process import ManagedProcess
+
+__all__ = ["NodeProcess", "free_port", "http_get", "http_request"]
 
 
 _HANDED_OUT: set[int] = set()
@@ -69,19 +71,48 @@ def free_port(host: str = "127.0.0.1") -> int:
     return picked
 
 
+@functools.cache
+def _loopback() -> httpx.Client:
+    """The client of ``http_request``: plain HTTP only (no TLS context to
+    build), no proxies from the environment, a fresh connection per request
+    (a killed server leaves no stale pooled connection behind)."""
+    return httpx.Client(
+        verify=False,  # noqa: S501 - plain http to loopback: no certificate, no TLS context to load
+        trust_env=False,
+        limits=httpx.Limits(max_keepalive_connections=0),
+    )
+
+
+def http_request(
+    method: str,
+    host: str,
+    port: int,
+    path: str,
+    body: bytes | None = None,
+    timeout: float = 2.0,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
+    """One plain-HTTP request to ``host:port``; (status, body) whatever the
+    status.  Raises ``OSError`` if nothing answers (refused, reset, timed out)."""
+    try:
+        resp = _loopback().request(
+            method, f"http://{host}:{port}{path}", content=body, headers=headers, timeout=timeout
+        )
+    except httpx.TransportError as exc:
+        raise OSError(f"{method} http://{host}:{port}{path}: {exc!r}") from exc
+    return resp.status_code, resp.content
+
+
 def http_get(host: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
     """One GET; (status, body).  Raises OSError if nothing answers."""
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+    return http_request("GET", host, port, path, timeout=timeout)
 
 
-class NodeProcess:
-    """One incarnation of ``keepcount node`` (``python -m keepcount.cli node``)."""
+class NodeProcess(ManagedProcess):
+    """One incarnation of ``keepcount node`` (``python -m keepcount.cli node``):
+    a ``ManagedProcess`` (``keepcount.process``) whose readiness is ``/readyz``."""
+
+    kind = "node"
 
     def __init__(
         self,
@@ -94,42 +125,35 @@ class NodeProcess:
         log: Path | None = None,
         module: str = "keepcount.cli",
         command: Sequence[str] = ("node",),
+        options: Sequence[str] | None = None,
     ) -> None:
+        """``options``: the command's options in full, instead of ``--id``,
+        ``--store``, ``--listen`` built from the arguments, then ``extra``."""
+        super().__init__(node, log)
         self.node = node
         self.store = store
         self.host = host
         self.port = port
         self.extra = list(extra)
-        self.log = log
         self.module = module
         self.command = list(command)
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.options = None if options is None else list(options)
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
     def argv(self) -> list[str]:
-        return [
-            sys.executable, "-m", self.module, *self.command,
-            "--id", self.node, "--store", self.store,
-            "--listen", f"{self.host}:{self.port}", *self.extra,
-        ]  # fmt: skip
+        options = self.options
+        if options is None:
+            options = [
+                "--id", self.node, "--store", self.store,
+                "--listen", f"{self.host}:{self.port}", *self.extra,
+            ]  # fmt: skip
+        return [sys.executable, "-m", self.module, *self.command, *options]
 
     def start(self) -> NodeProcess:
-        out = subprocess.DEVNULL if self.log is None else open(self.log, "ab")  # noqa: SIM115
-        try:
-            self.proc = subprocess.Popen(
-                self.argv(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        finally:
-            if self.log is not None:
-                out.close()  # type: ignore[union-attr]
+        self.spawn(self.argv())
         return self
 
     def readyz(self) -> int | None:
@@ -141,48 +165,18 @@ class NodeProcess:
 
     def wait_ready(self, timeout: float = 20.0) -> list[int | None]:
         """Poll ``/readyz`` until 200; return every status seen on the way
-        (None: not listening yet).  Raises if the process exits or time runs out."""
-        assert self.proc is not None
+        (None: not listening yet).  ``ProcessExited`` (a ``RuntimeError``) if
+        the process exits, ``TimeoutError`` if time runs out."""
         seen: list[int | None] = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            code = self.proc.poll()
-            if code is not None:
-                raise RuntimeError(
-                    f"node {self.node} exited with {code} before it was ready{self.log_tail()}"
-                )
+
+        def ready() -> bool:
             status = self.readyz()
             if not seen or seen[-1] != status:
                 seen.append(status)
-            if status == 200:
-                return seen
-            time.sleep(0.005)  # poll interval, not synchronisation: the loop awaits /readyz
-        raise TimeoutError(
-            f"node {self.node} not ready within {timeout} s (saw {seen}){self.log_tail()}"
-        )
+            return status == 200
 
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-
-    def kill(self) -> None:
-        self.signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        self.signal(signal.SIGTERM)
-
-    def wait(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        """Make sure it is gone (test teardown)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.kill()
-            self.proc.wait(10)
-
-    def log_tail(self) -> str:
-        if self.log is None or not self.log.exists():
-            return ""
-        return "\n--- node log ---\n" + self.log.read_text(errors="replace")[-3000:]
+        try:
+            self.wait_until(ready, timeout, interval=0.005)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc} (saw {seen})") from None
+        return seen

@@ -268,6 +268,7 @@ def test_an_app_that_never_answers_counts_as_500(reg: Registry) -> None:
 # -- durability --------------------------------------------------------------------
 
 
+@pytest.mark.g1
 def test_durable_before_the_response_starts(reg: Registry, db_url: str) -> None:
     app = KeepcountMiddleware(fastapi_app(), reg)
     seen: list[dict[tuple[str, ...], Any]] = []
@@ -285,6 +286,7 @@ def test_durable_before_the_response_starts(reg: Registry, db_url: str) -> None:
     assert HistogramValue.decode(raw, len(keepcount.DEFAULT_BUCKETS)).count == 2
 
 
+@pytest.mark.g1
 def test_concurrent_requests_are_all_durable(reg: Registry, db_url: str) -> None:
     app = KeepcountMiddleware(fastapi_app(), reg)
 
@@ -313,6 +315,7 @@ def test_bounded_async_lets_at_most_max_pending_responses_start_undurable(
     assert app.bound.pending == 0
 
 
+@pytest.mark.g6
 def test_max_pending_must_be_a_non_negative_int(reg: Registry) -> None:
     with pytest.raises(keepcount.InvalidInput, match="max_pending"):
         KeepcountMiddleware(plain_app(), reg, durable=False, max_pending=-1)
@@ -321,6 +324,7 @@ def test_max_pending_must_be_a_non_negative_int(reg: Registry) -> None:
 # -- commit failures -----------------------------------------------------------------
 
 
+@pytest.mark.g1
 def test_a_failed_commit_replaces_the_response_with_503(freg: Registry) -> None:
     app = KeepcountMiddleware(fastapi_app(), freg)
     store: FailingStore = freg.store  # type: ignore[assignment]
@@ -339,6 +343,7 @@ def test_a_failed_commit_replaces_the_response_with_503(freg: Registry) -> None:
     assert stored(store.url, "http_requests_total") == {("GET", "/items/{item_id}", "200"): 1}
 
 
+@pytest.mark.g4
 def test_a_fenced_registry_answers_503_fenced(freg: Registry) -> None:
     app = KeepcountMiddleware(fastapi_app(), freg)
     freg.store.fail = Fenced("a newer incarnation took node-1")  # type: ignore[attr-defined]
@@ -354,6 +359,7 @@ def test_bounded_async_failure_only_hits_the_response_that_waits(freg: Registry)
     assert [r.status_code for r in get(app, "/items/1", "/items/2")] == [200, 503]
 
 
+@pytest.mark.g1
 def test_a_failed_commit_after_an_exception_is_noted_on_it(freg: Registry) -> None:
     freg.store.fail = StoreUnavailable("store down")  # type: ignore[attr-defined]
     app = KeepcountMiddleware(plain_app(raise_before=True), freg)
@@ -391,6 +397,7 @@ def test_lifespan_and_websocket_pass_through_untouched(reg: Registry) -> None:
     assert len(reg.get("http_requests_total")) == 0  # type: ignore[arg-type]
 
 
+@pytest.mark.g1
 def test_counts_are_durable_before_lifespan_shutdown_completes(reg: Registry) -> None:
     """uvicorn ends a worker right after ``lifespan.shutdown.complete`` on
     SIGTERM (no atexit): the middleware flushes before passing it on."""

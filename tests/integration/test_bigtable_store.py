@@ -134,6 +134,7 @@ def test_the_store_creates_its_table_with_one_version_per_cell(
             assert rule.max_num_versions == 1
 
 
+@pytest.mark.g6
 def test_a_table_that_is_not_keepcounts_is_refused_and_left_alone(
     bigtable_up: BigtableEmulator, bigtable_table: str, raw: Any
 ) -> None:
@@ -156,6 +157,7 @@ def test_a_table_that_is_not_keepcounts_is_refused_and_left_alone(
     assert cells(raw, b"user#1", "cf") == {b"name": [(1000, b"alice")]}, "left as it was"
 
 
+@pytest.mark.g6
 def test_a_keepcount_table_of_another_format_version_is_refused(
     store: BigtableStore, bigtable_url: str, raw: Any
 ) -> None:
@@ -169,6 +171,7 @@ def test_a_keepcount_table_of_another_format_version_is_refused(
         BigtableStore(bigtable_url)
 
 
+@pytest.mark.g1
 def test_a_store_that_cannot_be_reached_is_unavailable(tmp_path: Path) -> None:
     emulator = BigtableEmulator(tmp_path)  # never started: nothing listens on its port
     with pytest.raises(StoreUnavailable):
@@ -178,6 +181,7 @@ def test_a_store_that_cannot_be_reached_is_unavailable(tmp_path: Path) -> None:
 # -- timestamps and fencing ------------------------------------------------------------
 
 
+@pytest.mark.g4
 def test_cells_carry_millisecond_aligned_logical_timestamps(
     store: BigtableStore, other: BigtableStore, raw: Any
 ) -> None:
@@ -196,6 +200,7 @@ def test_cells_carry_millisecond_aligned_logical_timestamps(
     assert divmod(second // 1000, 1 << SEQ_BITS) == (2, 1), "the next claim: generation 2"
 
 
+@pytest.mark.g1
 def test_a_write_that_lands_late_changes_nothing(store: BigtableStore, raw: Any) -> None:
     """A flush whose reply was lost (OutcomeUnknown) may land after a later one
     of the same incarnation: its older timestamp loses."""
@@ -209,6 +214,7 @@ def test_a_write_that_lands_late_changes_nothing(store: BigtableStore, raw: Any)
     assert store.load("node-1").values["c_total"] == {'["a"]': 6}
 
 
+@pytest.mark.g4
 def test_every_flush_is_fenced_by_the_rows_incarnation(
     store: BigtableStore, other: BigtableStore, raw: Any
 ) -> None:
@@ -231,6 +237,7 @@ def test_every_flush_is_fenced_by_the_rows_incarnation(
     assert cells(raw, b"n#node-1", "v") == before
 
 
+@pytest.mark.g5
 def test_cluster_totals_of_one_metric_are_one_scan_of_its_columns(
     store: BigtableStore, other: BigtableStore
 ) -> None:
@@ -249,6 +256,7 @@ def test_cluster_totals_of_one_metric_are_one_scan_of_its_columns(
     assert len(store.read_cluster().rows) == 4
 
 
+@pytest.mark.g4
 def test_an_unreleased_claim_is_held_but_a_released_one_is_free(
     store: BigtableStore, other: BigtableStore
 ) -> None:
@@ -262,6 +270,7 @@ def test_an_unreleased_claim_is_held_but_a_released_one_is_free(
         store.claim("node-1")
 
 
+@pytest.mark.g4
 def test_the_clock_renews_its_generation_when_the_sequence_runs_out(
     store: BigtableStore, other: BigtableStore, raw: Any
 ) -> None:
@@ -283,6 +292,7 @@ def test_the_clock_renews_its_generation_when_the_sequence_runs_out(
 # -- idempotency keys -------------------------------------------------------------------
 
 
+@pytest.mark.g2
 def test_a_key_taken_but_not_recorded_is_pending_until_its_owner_is_fenced(
     bigtable_url: str, store: BigtableStore, other: BigtableStore
 ) -> None:
@@ -318,6 +328,7 @@ def test_a_key_taken_but_not_recorded_is_pending_until_its_owner_is_fenced(
         third.close()
 
 
+@pytest.mark.g2
 def test_an_expired_key_is_taken_over_by_another_node(
     store: BigtableStore, other: BigtableStore
 ) -> None:
@@ -330,6 +341,7 @@ def test_an_expired_key_is_taken_over_by_another_node(
     assert store.lookup_key("k1") == record
 
 
+@pytest.mark.g2
 def test_key_cells_expire_through_their_timestamps(store: BigtableStore, raw: Any) -> None:
     """A key's cells carry ``expires - KEY_GC_AGE``: the ``max_age`` rule drops
     them once the key expired (lookups check ``expires`` themselves too)."""
@@ -342,6 +354,7 @@ def test_key_cells_expire_through_their_timestamps(store: BigtableStore, raw: An
     assert ts == owner_ts == expected
 
 
+@pytest.mark.g2
 def test_big_flushes_are_split_but_keyed_ones_refused_whole(
     store: BigtableStore, other: BigtableStore
 ) -> None:
@@ -368,6 +381,7 @@ def test_big_flushes_are_split_but_keyed_ones_refused_whole(
 # -- errors ---------------------------------------------------------------------------
 
 
+@pytest.mark.g1
 def test_a_paused_server_makes_writes_outcome_unknown_and_reads_unavailable(
     tmp_path: Path,
 ) -> None:
@@ -396,6 +410,7 @@ def test_a_paused_server_makes_writes_outcome_unknown_and_reads_unavailable(
             store.close()
 
 
+@pytest.mark.g3
 def test_a_registry_restores_from_bigtable(bigtable_url: str) -> None:
     """The registry on a Bigtable store: durable commits, restored values and
     created times, keyed increments counted once."""

@@ -55,6 +55,7 @@ def test_a_missing_install_names_the_command(tmp_path: Path) -> None:
         CassandraCluster(tmp_path / "c", home=tmp_path)
 
 
+@pytest.mark.g1
 def test_config_is_durable_and_tokens_split_the_ring(tmp_path: Path) -> None:
     cassandra_fixtures.require_cassandra()
     cluster = CassandraCluster(tmp_path, nodes=3, ports=(19042, 17000))
@@ -110,6 +111,7 @@ def test_every_node_sees_all_three_up(cassandra_up: CassandraCluster) -> None:
     )
 
 
+@pytest.mark.g1
 @pytest.mark.slow
 def test_quorum_survives_one_kill_is_unavailable_with_two_and_returns_after_restart(
     cassandra_up: CassandraCluster, cassandra_keyspace: str

@@ -23,6 +23,7 @@ import keepcount
 from keepcount import Fenced
 from keepcount.coordination import open_coordinator
 
+pytestmark = pytest.mark.g4
 etcd_cluster = coordinators.etcd_cluster
 zookeeper_server = coordinators.zookeeper_server
 backend = coordinators.backend

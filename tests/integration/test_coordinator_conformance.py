@@ -30,6 +30,7 @@ from keepcount.errors import (
 )
 from keepcount.nodeproc import free_port
 
+pytestmark = pytest.mark.g4
 etcd_cluster = coordinators.etcd_cluster
 zookeeper_server = coordinators.zookeeper_server
 backend = coordinators.backend
@@ -359,6 +360,7 @@ def test_claim_without_a_server_is_unavailable(backend: Backend) -> None:
 # -- bad input ----------------------------------------------------------------------
 
 
+@pytest.mark.g6
 @pytest.mark.parametrize("node", ["", "-x", "a/b", "a b", "x" * 64, "ü", "../up", None, 7])
 def test_invalid_node_ids_are_refused(coordinator: Coordinator, node: object) -> None:
     with pytest.raises(InvalidInput):
@@ -367,6 +369,7 @@ def test_invalid_node_ids_are_refused(coordinator: Coordinator, node: object) ->
         coordinator.evict(node, 1)  # type: ignore[arg-type]
 
 
+@pytest.mark.g6
 def test_invalid_claim_arguments_are_refused(coordinator: Coordinator) -> None:
     for ttl in (0, -1, math.nan, math.inf, True):
         with pytest.raises(InvalidInput):
@@ -376,6 +379,7 @@ def test_invalid_claim_arguments_are_refused(coordinator: Coordinator) -> None:
     assert coordinator.members() == {}
 
 
+@pytest.mark.g6
 @pytest.mark.parametrize(
     "url",
     ["etcd://", "etcd:///ns", "etcd://h:0", "etcd://h:99999", "zookeeper://h:2181/a/b",

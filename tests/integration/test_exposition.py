@@ -164,6 +164,7 @@ def test_colon_names_are_exposed_unchanged(
 # -- restarts ------------------------------------------------------------------
 
 
+@pytest.mark.g3
 def test_restored_untouched_series_appear_with_value_and_created(db_url: str) -> None:
     with reopen(db_url) as reg:
         hits = reg.counter("http_requests_total", "Requests", ["route"])
@@ -188,6 +189,7 @@ def test_restored_untouched_series_appear_with_value_and_created(db_url: str) ->
             assert families["http_requests"].documentation == "Requests"
 
 
+@pytest.mark.g3
 def test_children_touched_before_created_times_load_get_them(db_url: str) -> None:
     """Created times load in the background after open(); a child made from a
     restored series before (or after) they arrive ends up with its own."""
@@ -203,6 +205,7 @@ def test_children_touched_before_created_times_load_get_them(db_url: str) -> Non
         assert {v: c for v, _, c in fam.series()} == {(q,): t for q, t in first.items()}
 
 
+@pytest.mark.g3
 @pytest.mark.parametrize(("accept", "parse"), FORMATS)
 def test_created_is_the_same_across_a_restart_and_values_never_reset(
     db_url: str, accept: str | None, parse: Parser
@@ -396,6 +399,7 @@ def test_the_collector_works_in_any_prometheus_client_registry(reg: keepcount.Re
     assert families["hits"].samples[0].value == 4
 
 
+@pytest.mark.g3
 def test_only_durable_values_are_exposed(reg: keepcount.Registry) -> None:
     """DESIGN G3: an exposed value never goes backwards across a restart, so
     what is exposed is what the store holds for sure — not an increment still

@@ -52,6 +52,7 @@ def open_reg(path: Path, node: str = "node-1", **kw: object) -> Registry:
     return keepcount.open(f"sqlite:///{path}", node=node, flush_interval=None, **kw)  # type: ignore[arg-type]
 
 
+@pytest.mark.g2
 def test_a_retried_key_is_counted_once_and_answered_as_first(path: Path) -> None:
     with open_reg(path) as reg:
         child = reg.counter("c_total", "", ["k"]).labels("a")
@@ -71,6 +72,7 @@ def test_a_retried_key_is_counted_once_and_answered_as_first(path: Path) -> None
     assert durable(path) == {'["a"]': 7}
 
 
+@pytest.mark.g2
 def test_concurrent_requests_with_one_key_count_once(path: Path) -> None:
     with open_reg(path) as reg:
         child = reg.counter("c_total", "", ["k"]).labels("a")
@@ -87,6 +89,7 @@ def test_concurrent_requests_with_one_key_count_once(path: Path) -> None:
     assert durable(path) == {'["a"]': 3}
 
 
+@pytest.mark.g2
 def test_a_key_reused_for_another_request_is_refused_and_changes_nothing(path: Path) -> None:
     with open_reg(path) as reg:
         child = reg.counter("c_total", "", ["k"]).labels("a")
@@ -101,6 +104,7 @@ def test_a_key_reused_for_another_request_is_refused_and_changes_nothing(path: P
     assert durable(path) == {'["a"]': 1}
 
 
+@pytest.mark.g2
 def test_a_retry_on_another_node_sharing_the_store_is_counted_once(path: Path) -> None:
     with open_reg(path, "node-1") as one, open_reg(path, "node-2") as two:
         c1 = one.counter("c_total", "", ["k"]).labels("a")
@@ -117,6 +121,7 @@ def test_a_retry_on_another_node_sharing_the_store_is_counted_once(path: Path) -
         assert [t.value for t in two.cluster("c_total")] == [4]
 
 
+@pytest.mark.g2
 def test_racing_nodes_with_one_key_count_it_once(path: Path) -> None:
     """Two nodes get the same key at the same moment (a load balancer retry of
     a slow request): the store decides; exactly one of them counts it."""
@@ -139,6 +144,7 @@ def test_racing_nodes_with_one_key_count_it_once(path: Path) -> None:
         assert [t.value for t in one.cluster("c_total")] == [30]
 
 
+@pytest.mark.g2
 def test_a_failed_write_is_not_acknowledged_and_its_retry_counts_once(path: Path) -> None:
     store = FlakyStore(path)
     reg = Registry(store, "node-1", flush_interval=None)
@@ -160,6 +166,7 @@ def test_a_failed_write_is_not_acknowledged_and_its_retry_counts_once(path: Path
     assert durable(path) == {'["a"]': 2}
 
 
+@pytest.mark.g2
 def test_a_landed_write_whose_answer_was_lost_is_recognised_not_counted_twice(
     path: Path,
 ) -> None:
@@ -185,6 +192,7 @@ def test_a_landed_write_whose_answer_was_lost_is_recognised_not_counted_twice(
     assert durable(path) == {'["a"]': 3}
 
 
+@pytest.mark.g2
 def test_a_cancelled_request_is_still_recorded_and_its_retry_replays(path: Path) -> None:
     store = FlakyStore(path)
     reg = Registry(store, "node-1", flush_interval=None)
@@ -209,6 +217,7 @@ def test_a_cancelled_request_is_still_recorded_and_its_retry_replays(path: Path)
         reg.close()
 
 
+@pytest.mark.g2
 def test_an_expired_key_counts_again(path: Path) -> None:
     with open_reg(path, idempotency_ttl=1e-6) as reg:
         child = reg.counter("c_total", "", ["k"]).labels("a")
@@ -222,6 +231,7 @@ def test_an_expired_key_counts_again(path: Path) -> None:
         assert child.value == 2
 
 
+@pytest.mark.g4
 def test_keys_of_a_fenced_incarnation_are_refused(path: Path) -> None:
     with open_reg(path) as reg:
         child = reg.counter("c_total", "", ["k"]).labels("a")
@@ -254,6 +264,7 @@ class BusyKeyStore(SQLiteStore):
         super().write(node, epoch, families, series, keys)
 
 
+@pytest.mark.g2
 def test_a_key_being_recorded_elsewhere_fails_only_its_own_request(path: Path) -> None:
     store = BusyKeyStore(path)
     store.busy = "k-busy"

@@ -45,17 +45,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from keepcount.cluster.balancer import (
-    Backend,
-    BalancerConfigError,
-    LoadBalancer,
-    make_balancer,
-    session_members,
-    tcp_accepts,
-)
+from keepcount.cluster.balancer import Backend, BalancerConfigError, LoadBalancer, tcp_accepts
+from keepcount.cluster.balancers import make_balancer
 from keepcount.cluster.haproxy import HAProxy
 from keepcount.cluster.nginx import Nginx
 from keepcount.nodeproc import NodeProcess, free_port
+from keepcount.process import session_members
 
 KINDS = ["haproxy", "nginx"]
 KILLS = int(os.environ.get("KEEPCOUNT_LB_KILLS", "5"))
@@ -240,6 +235,7 @@ def cluster(
         c.stop()
 
 
+@pytest.mark.g2
 def test_requests_are_spread_and_a_key_sticks_to_its_node(cluster: Cluster) -> None:
     url = cluster.balancer.url
 
@@ -348,6 +344,7 @@ def test_haproxy_runtime_api_takes_a_server_out_and_back(cluster: Cluster) -> No
 # -- a node that listens but is not ready ------------------------------------------
 
 
+@pytest.mark.g3
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_node_that_is_not_ready_gets_no_increment(kind: str, tmp_path: Path) -> None:
     c = make_cluster(tmp_path, kind, ids=2)
@@ -514,6 +511,7 @@ async def client(
             await asyncio.sleep(0.01 * op.tries)  # back-off between retries, not synchronisation
 
 
+@pytest.mark.g2
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_failover_under_kills_keeps_keyed_increments_exact(kind: str, tmp_path: Path) -> None:

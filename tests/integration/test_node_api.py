@@ -162,6 +162,7 @@ async def test_probes_and_the_openapi_document(node: Running) -> None:
     assert r.json() == json.loads(json.dumps(OPENAPI))
 
 
+@pytest.mark.g1
 async def test_increment_answers_the_durable_value(node: Running) -> None:
     r = await node.client.post(INC)  # no body: labels {} and by 1
     assert r.status_code == 200, r.text
@@ -217,6 +218,7 @@ async def test_histograms_are_listed_with_cumulative_buckets(node: Running) -> N
     assert cluster["counters"][0]["nodes"] == {NODE: listed["counters"][0]["value"]}
 
 
+@pytest.mark.g5
 async def test_cluster_totals_sum_every_node_of_the_store(node: Running) -> None:
     await node.client.post(INC, json={"labels": {"r": "a"}, "by": 2})
     with keepcount.open(node.url, node="node-2", flush_interval=None) as other:
@@ -249,6 +251,7 @@ async def test_metrics_in_both_formats(node: Running) -> None:
     assert "hits_total 42.0" in r.text and r.text.endswith("# EOF\n")
 
 
+@pytest.mark.g1
 async def test_concurrent_increments_share_commits_and_are_all_durable(node: Running) -> None:
     flushes = node.registry.flushes
     rs = await asyncio.gather(*(node.client.post(INC, json={"labels": {"w": str(i % 4)}})
@@ -264,6 +267,7 @@ async def test_concurrent_increments_share_commits_and_are_all_durable(node: Run
 # -- idempotency keys ------------------------------------------------------------------
 
 
+@pytest.mark.g2
 async def test_a_retry_with_the_same_key_is_answered_again_and_counted_once(
     node: Running,
 ) -> None:
@@ -287,6 +291,7 @@ async def test_a_retry_with_the_same_key_is_answered_again_and_counted_once(
     assert stored(node.url)[1]["hits_total"] == {'["a"]': 3}
 
 
+@pytest.mark.g2
 async def test_a_key_is_honoured_by_another_node_of_the_store(url: str, tmp_path: Path) -> None:
     body = {"labels": {"r": "a"}, "by": 3}
     async with serve(url) as one, serve(url, node="node-2") as two:
@@ -299,6 +304,7 @@ async def test_a_key_is_honoured_by_another_node_of_the_store(url: str, tmp_path
         assert stored(url, "node-2")[1].get("hits_total", {}) == {}, "node-2 counted nothing"
 
 
+@pytest.mark.g6
 @pytest.mark.parametrize("key", ["", " ", "a b", "x" * 256, "é".encode("latin-1"), "tab\there"])
 async def test_invalid_idempotency_keys_are_400(node: Running, key: str | bytes) -> None:
     before = await node.state()
@@ -315,6 +321,7 @@ async def test_longest_idempotency_key_is_accepted(node: Running) -> None:
 # -- bad input: 400, 413, 415, 422 ---------------------------------------------------------
 
 
+@pytest.mark.g6
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [
@@ -365,6 +372,7 @@ async def test_bad_bodies_are_refused_and_change_nothing(
     assert node.registry.get("fresh_total") is None, "a refused request declares nothing"
 
 
+@pytest.mark.g6
 @pytest.mark.parametrize(
     "name", ["1abc", "a-b", "a.b", "a_bucket", "x_count", "y_sum", "z_created", "n" * 201, "é"]
 )
@@ -377,6 +385,7 @@ async def test_invalid_metric_names_are_422(node: Running, name: str) -> None:
         error_of(await node.client.get(path), 422, "invalid_input")
 
 
+@pytest.mark.g6
 async def test_labels_other_than_the_family_s_are_a_definition_conflict(node: Running) -> None:
     await node.client.post(INC, json={"labels": {"route": "/", "status": "200"}})
     before = await node.state()
@@ -387,6 +396,7 @@ async def test_labels_other_than_the_family_s_are_a_definition_conflict(node: Ru
         assert await node.state() == before
 
 
+@pytest.mark.g6
 async def test_a_histogram_cannot_be_incremented(node: Running) -> None:
     node.registry.histogram("lat_seconds", "", [])
     before = await node.state()
@@ -395,6 +405,7 @@ async def test_a_histogram_cannot_be_incremented(node: Running) -> None:
     assert await node.state() == before
 
 
+@pytest.mark.g6
 async def test_an_increment_past_2_63_is_refused(node: Running) -> None:
     r = await node.client.post(INC, json={"by": MAX_VALUE - 1})
     assert r.json()["value"] == MAX_VALUE - 1
@@ -408,6 +419,7 @@ async def test_an_increment_past_2_63_is_refused(node: Running) -> None:
     assert (await node.client.post(INC, json={"by": 0})).json()["value"] == MAX_VALUE
 
 
+@pytest.mark.g6
 async def test_too_many_label_sets_names_the_limit(url: str) -> None:
     async with serve(url, max_children=2) as node:
         await node.wait_ready()
@@ -420,6 +432,7 @@ async def test_too_many_label_sets_names_the_limit(url: str) -> None:
         assert (await node.client.post(INC, json={"labels": {"r": "a"}})).json()["value"] == 2
 
 
+@pytest.mark.g6
 @pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded",
                                    "application/jsonx", "multipart/form-data", None])  # fmt: skip
 async def test_bodies_that_are_not_json_typed_are_415(node: Running, ctype: str | None) -> None:
@@ -430,6 +443,7 @@ async def test_bodies_that_are_not_json_typed_are_415(node: Running, ctype: str 
     assert await node.state() == before
 
 
+@pytest.mark.g6
 async def test_a_body_over_the_limit_is_413_by_length_and_while_streaming(url: str) -> None:
     async with serve(url, max_body=1024) as node:
         await node.wait_ready()
@@ -462,6 +476,7 @@ async def test_a_body_over_the_limit_is_413_by_length_and_while_streaming(url: s
 # -- routing errors, internal errors ----------------------------------------------------------
 
 
+@pytest.mark.g6
 async def test_unknown_paths_methods_and_names(node: Running) -> None:
     assert "/nope" in error_of(await node.client.get("/nope"), 404, "not_found")
     r = await node.client.delete("/v1/counters")
@@ -473,6 +488,7 @@ async def test_unknown_paths_methods_and_names(node: Running) -> None:
     assert (await node.client.get("/v1/cluster/counters")).json() == {"counters": []}
 
 
+@pytest.mark.g6
 async def test_an_unexpected_exception_is_a_json_500(url: str) -> None:
     async def boom(request: Request) -> Response:
         raise RuntimeError("a bug")
@@ -486,6 +502,7 @@ async def test_an_unexpected_exception_is_a_json_500(url: str) -> None:
 # -- authorization ------------------------------------------------------------------------------
 
 
+@pytest.mark.g6
 async def test_a_token_guards_writes_only(url: str) -> None:
     async with serve(url, token="s3cret-token") as node:
         await node.wait_ready()
@@ -505,6 +522,7 @@ async def test_a_token_guards_writes_only(url: str) -> None:
 # -- readiness, claims, failures -------------------------------------------------------------
 
 
+@pytest.mark.g3
 async def test_not_ready_while_another_process_holds_the_claim(url: str) -> None:
     holder = keepcount.open(url, node=NODE, flush_interval=None)
     holder.counter("hits_total", "", []).inc(10)
@@ -529,6 +547,7 @@ async def test_not_ready_while_another_process_holds_the_claim(url: str) -> None
         holder.close()
 
 
+@pytest.mark.g4
 async def test_a_claim_never_released_is_fatal_after_the_timeout(url: str) -> None:
     holder = keepcount.open(url, node=NODE, flush_interval=None)
     fatal: list[str] = []
@@ -550,6 +569,7 @@ async def test_a_claim_never_released_is_fatal_after_the_timeout(url: str) -> No
         holder.close()
 
 
+@pytest.mark.g6
 async def test_a_corrupt_store_is_fatal_and_left_untouched(tmp_path: Path) -> None:
     path = tmp_path / "foreign.db"
     path.write_bytes(b"this is not a keepcount store\n" * 100)
@@ -564,6 +584,7 @@ async def test_a_corrupt_store_is_fatal_and_left_untouched(tmp_path: Path) -> No
     assert path.read_bytes() == b"this is not a keepcount store\n" * 100
 
 
+@pytest.mark.g4
 async def test_a_fenced_node_turns_unready_and_acknowledges_nothing(node: Running) -> None:
     assert (await node.client.post(INC)).json()["value"] == 1
     path = node.url[len("sqlite:///") :]
@@ -591,6 +612,7 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.g1
 async def test_a_full_disk_is_503_and_acknowledges_nothing(small_fs: Path) -> None:
     url = f"sqlite:///{small_fs}/c.db"
     async with serve(url) as node:
@@ -617,6 +639,7 @@ async def test_a_full_disk_is_503_and_acknowledges_nothing(small_fs: Path) -> No
         assert stored(url)[1]["hits_total"] == {"[]": 8}, "the keyed retry counted once"
 
 
+@pytest.mark.g1
 async def test_shutdown_flushes_and_releases_the_claim(url: str) -> None:
     async with serve(url) as node:
         await node.wait_ready()
@@ -635,6 +658,7 @@ async def test_shutdown_flushes_and_releases_the_claim(url: str) -> None:
         assert (await again.client.get("/v1/counters")).json()["counters"][0]["value"] == 5
 
 
+@pytest.mark.g6
 def test_config_is_validated() -> None:
     good = {"node": NODE, "store": "sqlite:///c.db"}
     for bad in ({"node": "bad id"}, {"store": "c.db"}, {"token": ""}, {"token": "a b"},
@@ -642,3 +666,24 @@ def test_config_is_validated() -> None:
                 {"max_children": 0}, {"claim_timeout": -1}):  # fmt: skip
         with pytest.raises(keepcount.InvalidInput):
             NodeConfig(**{**good, **bad})  # type: ignore[arg-type]
+
+
+def test_a_config_renders_as_the_node_command_line() -> None:
+    from keepcount.cli.node import node as command
+
+    configs = [
+        NodeConfig(node=NODE, store="sqlite:///c.db"),
+        NodeConfig(node=NODE, store="sqlite:///c.db", idempotency_ttl=60.5, max_body=100,
+                   flush_interval=0.25, max_children=None, claim_timeout=0,
+                   coordinator="etcd://127.0.0.1:2379/ns", claim_ttl=5, advertise="http://x:1",
+                   unsafe_ack_before_durable=True),
+    ]  # fmt: skip
+    for config in configs:
+        argv = config.to_argv()
+        params = command.make_context("node", argv).params
+        params.pop("listen")
+        assert NodeConfig(**params) == config, argv
+    secret = NodeConfig(node=NODE, store="sqlite:///c.db", token="s3cret")
+    assert "s3cret" not in secret.to_argv() and secret.to_env() == {"KEEPCOUNT_TOKEN": "s3cret"}
+    with pytest.raises(keepcount.InvalidInput):
+        NodeConfig(node=NODE, store="sqlite:///c.db", flush_interval=None).to_argv()

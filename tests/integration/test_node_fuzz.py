@@ -37,6 +37,7 @@ from keepcount.node import NodeConfig, create_app
 from keepcount.openapi import OPENAPI
 from keepcount.stores import open_store
 
+pytestmark = pytest.mark.g6
 MAX_EXAMPLES = 300  # per operation and phase: about 10 s for the module
 
 

@@ -894,6 +894,7 @@ def _normalised_text(registry: Any) -> str:
     return prometheus_client.generate_latest(_Rendered(registry)).decode()
 
 
+@pytest.mark.g3
 def test_sqlite_counter_with_labels_survives_a_restart(tmp_path: Path) -> None:
     """The default flush interval this time: a restarted process's registry
     shows the same exposition as prometheus_client's that never restarted."""
@@ -1023,6 +1024,7 @@ def _bad_calls() -> list[tuple[str, Callable[[Any, Any], Any]]]:
     ]
 
 
+@pytest.mark.g6
 @pytest.mark.parametrize(("case", "call"), _bad_calls(), ids=[c for c, _ in _bad_calls()])
 def test_fixed_bad_calls_raise_as_in_prometheus_client(
     case: str, call: Callable[[Any, Any], Any], tmp_path: Path
@@ -1165,6 +1167,7 @@ def test_found_difference(name: str, tmp_path: Path) -> None:
     run_program(FOUND[name], tmp_path)
 
 
+@pytest.mark.g6
 @pytest.mark.parametrize("buckets", [(1.0, INF, INF), (math.nan,), (-INF, 1.0), (INF, INF)])
 def test_bucket_bounds_no_store_can_hold_are_refused(buckets: tuple[float, ...]) -> None:
     """Documented: prometheus_client takes these; keepcount.prometheus refuses

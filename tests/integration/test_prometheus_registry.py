@@ -62,6 +62,7 @@ def worker(url: str, regs: list[kp.CollectorRegistry], value: float) -> dict[str
     return metrics
 
 
+@pytest.mark.g5
 def test_a_host_s_slots_combine_per_gauge_mode(url: str, regs: list[kp.CollectorRegistry]) -> None:
     worker(url, regs, 10.0)
     worker(url, regs, 12.0)
@@ -77,6 +78,7 @@ def test_a_host_s_slots_combine_per_gauge_mode(url: str, regs: list[kp.Collector
     assert samples(regs[1]) == got  # whichever worker answers
 
 
+@pytest.mark.g5
 def test_a_dead_slot_keeps_its_counts_and_leaves_the_live_modes(
     url: str, regs: list[kp.CollectorRegistry]
 ) -> None:
@@ -131,6 +133,7 @@ def test_nothing_is_opened_before_first_use(url: str, tmp_path: Path) -> None:
         reg.close()
 
 
+@pytest.mark.g3
 def test_counts_before_configure_are_kept_and_added_to_the_slot(url: str) -> None:
     first = kp.CollectorRegistry(store=url, node="h")
     kp.Counter("jobs", "Jobs", registry=first).inc(3)
@@ -148,6 +151,7 @@ def test_counts_before_configure_are_kept_and_added_to_the_slot(url: str) -> Non
         reg.close()
 
 
+@pytest.mark.g3
 def test_restart_restores_everything_durable(url: str) -> None:
     def declare(reg: kp.CollectorRegistry) -> list[object]:
         return [

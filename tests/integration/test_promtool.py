@@ -266,6 +266,7 @@ async def state(client: httpx.AsyncClient) -> tuple[Any, list[str]]:
     return listed, [line for line in text.splitlines() if "keepcount_" not in line]
 
 
+@pytest.mark.g6
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     "body",
@@ -312,6 +313,7 @@ async def test_a_bad_help_is_422_and_changes_nothing(
         store.close()
 
 
+@pytest.mark.g6
 @pytest.mark.anyio
 async def test_a_refused_increment_does_not_change_the_help(running: Running) -> None:
     client = running.client

@@ -12,6 +12,7 @@ import keepcount
 from keepcount import DefinitionConflict, HistogramValue, RegistryClosed
 
 
+@pytest.mark.g3
 def test_values_come_back_after_close_and_reopen(db_url: str) -> None:
     with keepcount.open(db_url, node="node-1") as reg:
         hits = reg.counter("http_requests_total", "Requests", ["route", "status"])
@@ -32,6 +33,7 @@ def test_values_come_back_after_close_and_reopen(db_url: str) -> None:
         ).value == HistogramValue([1, 0, 1], 3.05)
 
 
+@pytest.mark.g3
 def test_restored_families_exist_before_they_are_declared(db_url: str) -> None:
     with keepcount.open(db_url, node="node-1") as reg:
         reg.counter("jobs_total", "Jobs", ["queue"]).labels("mail").inc(3)
@@ -41,6 +43,7 @@ def test_restored_families_exist_before_they_are_declared(db_url: str) -> None:
         assert list(fam.items()) == [(("mail",), 3)]
 
 
+@pytest.mark.g6
 def test_redeclaring_with_another_shape_is_refused(db_url: str) -> None:
     with keepcount.open(db_url, node="node-1") as reg:
         reg.counter("jobs_total", "Jobs", ["queue"]).labels("mail").inc()
@@ -61,6 +64,7 @@ def test_help_changes_are_kept(db_url: str) -> None:
         assert reg.get("jobs_total").help == "new"  # type: ignore[union-attr]
 
 
+@pytest.mark.g5
 def test_nodes_sharing_a_file_write_concurrently_and_sum_in_cluster_totals(db_url: str) -> None:
     regs = [keepcount.open(db_url, node=f"node-{i}", flush_interval=None) for i in range(4)]
 
@@ -86,6 +90,7 @@ def test_nodes_sharing_a_file_write_concurrently_and_sum_in_cluster_totals(db_ur
         assert sum(t.value for t in reg.cluster()) == 1200  # type: ignore[misc]
 
 
+@pytest.mark.g1
 def test_async_commit_from_many_tasks(db_url: str) -> None:
     async def main() -> None:
         async with keepcount.open(db_url, node="node-1", flush_interval=None) as reg:
@@ -104,6 +109,7 @@ def test_async_commit_from_many_tasks(db_url: str) -> None:
         assert sum(v for _, v in reg.get("c_total").items()) == 32 * 50  # type: ignore[union-attr]
 
 
+@pytest.mark.g6
 def test_restored_label_sets_count_against_the_child_limit(db_url: str) -> None:
     with keepcount.open(db_url, node="node-1") as reg:
         c = reg.counter("c_total", "", ["k"])
@@ -118,6 +124,7 @@ def test_restored_label_sets_count_against_the_child_limit(db_url: str) -> None:
         assert c.labels("3").value == 2
 
 
+@pytest.mark.g6
 def test_closed_registry_refuses_work(tmp_path: Path) -> None:
     reg = keepcount.open(f"sqlite:///{tmp_path}/c.db", node="node-1")
     reg.close()

@@ -241,6 +241,7 @@ def test_a_bare_host_id_is_its_own_slot_0() -> None:
         assert slot_index(odd) == 0 and host_of(odd) == odd
 
 
+@pytest.mark.g6
 @pytest.mark.parametrize("host", ["web-1@1", "web-1@0", "@1", "", "../x", "a b", "-web", "x" * 64])
 def test_invalid_host_ids_are_refused(host: str, tmp_path: Path, db_url: str) -> None:
     with pytest.raises(InvalidInput):
@@ -259,6 +260,7 @@ def test_a_slot_id_is_a_valid_exact_node_id_but_not_a_host(db_url: str) -> None:
         keepcount.open(db_url, node="web-1@1")
 
 
+@pytest.mark.g6
 def test_max_slots_must_be_positive(tmp_path: Path, db_url: str) -> None:
     with pytest.raises(InvalidInput, match="max_slots"):
         take_slot(tmp_path / "locks", "web-1", max_slots=0)
@@ -269,6 +271,7 @@ def test_max_slots_must_be_positive(tmp_path: Path, db_url: str) -> None:
 # -- choosing a slot (in one process: each take_slot / open is a lock of its own) --
 
 
+@pytest.mark.g4
 def test_the_lowest_free_slot_is_taken(tmp_path: Path) -> None:
     d = tmp_path / "locks"
     held = [take_slot(d, "web-1") for _ in range(4)]
@@ -310,6 +313,7 @@ def test_release_is_idempotent_and_frees_the_slot(tmp_path: Path) -> None:
     again.release()
 
 
+@pytest.mark.g4
 def test_opens_in_one_process_take_one_slot_each(db_url: str) -> None:
     regs = [keepcount.open(db_url, node="web-1", flush_interval=None) for _ in range(3)]
     try:
@@ -329,6 +333,7 @@ def test_opens_in_one_process_take_one_slot_each(db_url: str) -> None:
             r.close()
 
 
+@pytest.mark.g4
 def test_max_slots_exhausted_names_the_holders(tmp_path: Path, db_url: str) -> None:
     d = tmp_path / "locks"
     held = [take_slot(d, "web-1", max_slots=3) for _ in range(3)]
@@ -375,6 +380,7 @@ def test_the_default_limit_shows_a_few_holders(tmp_path: Path) -> None:
             s.release()
 
 
+@pytest.mark.g4
 def test_a_deleted_lock_file_lets_a_second_taker_in(tmp_path: Path) -> None:
     """A temp-dir cleaner deletes a held lock file: the next taker makes a new
     file and gets the slot (the store's epoch then fences the old holder,
@@ -394,6 +400,7 @@ def test_a_deleted_lock_file_lets_a_second_taker_in(tmp_path: Path) -> None:
 # -- liveness: real processes ------------------------------------------------------
 
 
+@pytest.mark.g4
 def test_a_live_holder_keeps_its_slot_even_when_stopped(db_url: str, workers: list[Worker]) -> None:
     holder = start(workers, db_url)
     assert holder.node == "web-1"
@@ -416,6 +423,7 @@ def test_a_live_holder_keeps_its_slot_even_when_stopped(db_url: str, workers: li
         assert reg.counter("jobs_total", "Jobs done", ["kind"]).labels("a").value == 6
 
 
+@pytest.mark.g3
 def test_a_dead_holders_slot_is_taken_over_with_its_values(
     db_url: str, workers: list[Worker]
 ) -> None:
@@ -436,6 +444,7 @@ def test_a_dead_holders_slot_is_taken_over_with_its_values(
 # -- per store: processes of one host ------------------------------------------------
 
 
+@pytest.mark.g3
 def test_processes_of_one_host_get_different_slots_and_restore_their_own(
     url: str, workers: list[Worker]
 ) -> None:
@@ -478,6 +487,7 @@ def test_processes_of_one_host_get_different_slots_and_restore_their_own(
         }
 
 
+@pytest.mark.g5
 def test_a_dead_slots_counts_stay_in_the_host_and_cluster_totals(
     url: str, workers: list[Worker]
 ) -> None:
@@ -546,6 +556,7 @@ def test_slots_stay_flat_while_processes_recycle(url: str, workers: list[Worker]
 # -- fencing, per slot ---------------------------------------------------------------
 
 
+@pytest.mark.g4
 def test_a_slot_taken_over_with_a_newer_epoch_fences_its_holder(url: str) -> None:
     """The holder of web-1@1 is paused while another incarnation claims the
     slot (a coordinator's epoch here): its next commit is refused and changes
@@ -581,6 +592,7 @@ def test_a_slot_taken_over_with_a_newer_epoch_fences_its_holder(url: str) -> Non
     assert stored_jobs(url, "web-1@1") == 4, "closing the fenced registry wrote nothing either"
 
 
+@pytest.mark.g4
 def test_a_slot_taken_over_behind_its_holder_fences_it(url: str, workers: list[Worker]) -> None:
     """A live holder's lock file is deleted (a temp-dir cleaner): a new process
     gets the same slot; the store's epoch fences the old holder."""
@@ -669,6 +681,7 @@ FORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.g3
 @pytest.mark.parametrize("counted", [False, True], ids=["idle-parent", "counting-parent"])
 def test_forked_workers_take_slots_of_their_own(url: str, counted: bool) -> None:
     """A registry opened before fork (gunicorn --preload): the parent gives its
@@ -787,6 +800,7 @@ REFORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.g1
 def test_a_counting_parent_forks_again_and_again(url: str) -> None:
     """A master that counts and forks a new worker each time (a worker
     recycled): every fork closes the parent's store right after it was used
@@ -808,6 +822,7 @@ def test_a_counting_parent_forks_again_and_again(url: str) -> None:
     assert len(slot_nodes(url)) <= 2, "one worker at a time beside the parent: two slots"
 
 
+@pytest.mark.g4
 def test_one_lock_directory_per_store_however_its_url_is_spelled(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -44,6 +44,7 @@ def refused(path: Path, match: str) -> CorruptStore:
     return e.value
 
 
+@pytest.mark.g6
 def test_garbage_over_a_page_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "c.db"
     make_store(db)
@@ -54,6 +55,7 @@ def test_garbage_over_a_page_is_refused(tmp_path: Path) -> None:
     refused(db, "corrupt|malformed")
 
 
+@pytest.mark.g6
 def test_a_truncated_file_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "c.db"
     make_store(db)
@@ -62,6 +64,7 @@ def test_a_truncated_file_is_refused(tmp_path: Path) -> None:
     refused(db, "truncated")
 
 
+@pytest.mark.g1
 def test_a_file_cut_short_by_a_crash_in_a_checkpoint_opens_whole(tmp_path: Path) -> None:
     """A checkpoint writes page 1, with the new page count, before the pages
     that extend the file; a kill in between leaves a file shorter than its
@@ -108,6 +111,7 @@ def test_a_file_cut_short_by_a_crash_in_a_checkpoint_opens_whole(tmp_path: Path)
     refused(crashed, "truncated")
 
 
+@pytest.mark.g6
 def test_an_empty_file_is_refused_not_initialised(tmp_path: Path) -> None:
     db = tmp_path / "c.db"
     db.touch()
@@ -115,12 +119,14 @@ def test_an_empty_file_is_refused_not_initialised(tmp_path: Path) -> None:
     assert db.stat().st_size == 0
 
 
+@pytest.mark.g6
 def test_a_foreign_file_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "c.db"
     db.write_text("name,value\nx,1\n" * 20)
     refused(db, "not an SQLite database")
 
 
+@pytest.mark.g6
 def test_another_applications_sqlite_database_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "c.db"
     with sqlite3.connect(db) as conn:
@@ -128,6 +134,7 @@ def test_another_applications_sqlite_database_is_refused(tmp_path: Path) -> None
     refused(db, "not a keepcount store")
 
 
+@pytest.mark.g6
 def test_an_unknown_format_version_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "c.db"
     make_store(db, series=3)
@@ -136,6 +143,7 @@ def test_an_unknown_format_version_is_refused(tmp_path: Path) -> None:
     refused(db, f"format version {FORMAT_VERSION + 1}.*upgrade keepcount")
 
 
+@pytest.mark.g1
 def test_a_version_1_file_is_upgraded_in_place_with_its_values(tmp_path: Path) -> None:
     db = tmp_path / "c.db"
     make_store(db, series=3)
@@ -150,6 +158,7 @@ def test_a_version_1_file_is_upgraded_in_place_with_its_values(tmp_path: Path) -
         assert conn.execute("SELECT count(*) FROM idempotency").fetchone()[0] == 0
 
 
+@pytest.mark.g6
 def test_a_version_1_file_with_a_foreign_table_in_the_way_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "c.db"
     make_store(db, series=3)
@@ -241,6 +250,7 @@ def schema_of(path: Path) -> dict[str, tuple[object, ...]]:
     return {t: (*listed[t], sql[t]) for t in sql}
 
 
+@pytest.mark.g1
 def test_a_version_2_file_is_upgraded_in_place_and_then_holds_prometheus_families(
     tmp_path: Path,
 ) -> None:
@@ -293,6 +303,7 @@ def test_a_version_2_file_is_upgraded_in_place_and_then_holds_prometheus_familie
         again.close()
 
 
+@pytest.mark.g6
 def test_a_version_2_file_upgrade_that_fails_leaves_it_at_version_2(tmp_path: Path) -> None:
     db = tmp_path / "c.db"
     make_v2_store(db)
@@ -306,6 +317,7 @@ def test_a_version_2_file_upgrade_that_fails_leaves_it_at_version_2(tmp_path: Pa
         assert conn.execute("SELECT count(*) FROM families_v3").fetchone()[0] == 0
 
 
+@pytest.mark.g6
 def test_a_version_3_file_whose_families_refuse_prometheus_kinds_is_refused(
     tmp_path: Path,
 ) -> None:
@@ -320,6 +332,7 @@ def test_a_version_3_file_whose_families_refuse_prometheus_kinds_is_refused(
     assert digest(db) == before
 
 
+@pytest.mark.g6
 @pytest.mark.parametrize(
     ("value", "vtype"),
     [(5, "integer"), ("[1,2", "text"), ("NaN", "text"), ("", "text"), (2.5, "real")],
@@ -356,6 +369,7 @@ def test_a_prometheus_value_that_is_not_json_text_is_refused_at_claim(
         again.close()
 
 
+@pytest.mark.g6
 def test_a_family_of_an_unknown_kind_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "c.db"
     store = SQLiteStore(db)
@@ -376,6 +390,7 @@ def test_a_family_of_an_unknown_kind_is_refused(tmp_path: Path) -> None:
         store.close()
 
 
+@pytest.mark.g6
 def test_a_value_of_the_wrong_type_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "c.db"
     make_store(db, series=3)
@@ -384,6 +399,7 @@ def test_a_value_of_the_wrong_type_is_refused(tmp_path: Path) -> None:
     refused(db, "counter c_total.*type text")
 
 
+@pytest.mark.g6
 def test_a_series_without_its_definition_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "c.db"
     make_store(db, series=3)
@@ -392,6 +408,7 @@ def test_a_series_without_its_definition_is_refused(tmp_path: Path) -> None:
     refused(db, "without a family definition")
 
 
+@pytest.mark.g6
 def test_a_histogram_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "c.db"
     with keepcount.open(f"sqlite:///{db}", node="node-1") as reg:
@@ -401,11 +418,13 @@ def test_a_histogram_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
     refused(db, "histogram h_seconds")
 
 
+@pytest.mark.g6
 def test_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(keepcount.InvalidInput, match="does not exist"):
         keepcount.open(f"sqlite:///{tmp_path}/nope/c.db", node="node-1")
 
 
+@pytest.mark.g6
 @pytest.mark.parametrize(
     "url",
     ["sqlite://rel.db", "sqlite:///:memory:", "redis://x", "counters.db", "sqlite:///a.db?x=1"],
@@ -427,6 +446,7 @@ HOLDER = textwrap.dedent(
 )
 
 
+@pytest.mark.g4
 def test_a_second_process_cannot_claim_a_live_node_id(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/c.db"
     with subprocess.Popen([sys.executable, "-c", HOLDER, url], stdin=subprocess.PIPE,
@@ -456,6 +476,7 @@ def check_exclusive_claim(url: str, holder: subprocess.Popen[str]) -> None:
         holder.wait()
 
 
+@pytest.mark.g4
 def test_a_stale_incarnation_is_fenced_even_if_its_lock_file_is_deleted(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/c.db"
     old = keepcount.open(url, node="node-1", flush_interval=None)
@@ -501,6 +522,7 @@ FILLER = textwrap.dedent(
 )
 
 
+@pytest.mark.g1
 def test_a_file_size_limit_fails_the_commit_and_acknowledges_nothing(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/c.db"
     out = subprocess.run([sys.executable, "-c", FILLER, url, str(tmp_path)], capture_output=True,
@@ -529,6 +551,7 @@ def small_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.g1
 def test_a_full_disk_fails_the_commit_and_recovers_when_space_returns(small_fs: Path) -> None:
     url = f"sqlite:///{small_fs}/c.db"
     reg = keepcount.open(url, node="node-1", flush_interval=None, max_children=None)
@@ -559,6 +582,7 @@ def test_a_full_disk_fails_the_commit_and_recovers_when_space_returns(small_fs: 
         assert len(fam) == 501
 
 
+@pytest.mark.g6
 def test_store_refuses_use_after_close(tmp_path: Path) -> None:
     s = SQLiteStore(tmp_path / "c.db")
     s.close()

@@ -18,6 +18,7 @@ PH = FamilyDef(
 )
 
 
+@pytest.mark.g4
 def test_claim_issues_growing_epochs(store: Store, other: Store) -> None:
     e1 = store.claim("node-1")
     store.release("node-1", e1)
@@ -27,6 +28,7 @@ def test_claim_issues_growing_epochs(store: Store, other: Store) -> None:
     assert store.claim("node-1") > e2
 
 
+@pytest.mark.g4
 def test_a_held_claim_is_exclusive(store: Store, other: Store) -> None:
     store.claim("node-1")
     with pytest.raises(ClaimConflict, match="node-1"):
@@ -34,6 +36,7 @@ def test_a_held_claim_is_exclusive(store: Store, other: Store) -> None:
     other.claim("node-2")  # other ids are free
 
 
+@pytest.mark.g4
 def test_an_older_coordinator_epoch_is_fenced(store: Store) -> None:
     assert store.claim("node-1", epoch=7) == 7
     store.release("node-1", 7)
@@ -41,11 +44,13 @@ def test_an_older_coordinator_epoch_is_fenced(store: Store) -> None:
         store.claim("node-1", epoch=3)
 
 
+@pytest.mark.g6
 def test_invalid_node_ids_are_refused(store: Store) -> None:
     with pytest.raises(InvalidInput):
         store.claim("../x")
 
 
+@pytest.mark.g1
 def test_write_then_load_round_trips(store: Store) -> None:
     e = store.claim("node-1")
     assert store.load("node-1").series_count() == 0
@@ -60,6 +65,7 @@ def test_write_then_load_round_trips(store: Store) -> None:
     assert snap.values == {"c_total": {'["a"]': 5}, "h_seconds": {"[]": "[1,0,0.25]"}}
 
 
+@pytest.mark.g2
 def test_writes_are_idempotent_absolute_values(store: Store) -> None:
     e = store.claim("node-1")
     for _ in range(3):
@@ -68,6 +74,7 @@ def test_writes_are_idempotent_absolute_values(store: Store) -> None:
     assert store.load("node-1").values["c_total"] == {'["a"]': 9}
 
 
+@pytest.mark.g4
 def test_a_stale_epoch_cannot_overwrite_a_newer_one(store: Store, other: Store) -> None:
     old = store.claim("node-1", epoch=1)
     store.write("node-1", old, [C], [("c_total", '["a"]', 10, 1.0)])
@@ -79,6 +86,7 @@ def test_a_stale_epoch_cannot_overwrite_a_newer_one(store: Store, other: Store) 
     assert other.load("node-1").values["c_total"] == {'["a"]': 11}
 
 
+@pytest.mark.g4
 def test_a_newer_coordinator_epoch_takes_over_from_a_holder_that_never_released(
     store: Store, other: Store
 ) -> None:
@@ -94,6 +102,7 @@ def test_a_newer_coordinator_epoch_takes_over_from_a_holder_that_never_released(
     assert other.load("node-1").values["c_total"] == {'["a"]': 12}
 
 
+@pytest.mark.g4
 def test_a_stale_late_batch_changes_nothing_not_even_cells_the_new_one_left_alone(
     store: Store, other: Store
 ) -> None:
@@ -110,6 +119,7 @@ def test_a_stale_late_batch_changes_nothing_not_even_cells_the_new_one_left_alon
     assert other.load("node-1").values["c_total"] == {'["a"]': 10, '["b"]': 3}
 
 
+@pytest.mark.g4
 def test_write_without_a_claim_is_refused(store: Store) -> None:
     with pytest.raises(Fenced):
         store.write("ghost", 1, [C], [("c_total", '["a"]', 1, 1.0)])
@@ -119,6 +129,7 @@ def test_write_without_a_claim_is_refused(store: Store) -> None:
     assert store.load("ghost").series_count() == 0
 
 
+@pytest.mark.g5
 def test_cluster_read_covers_every_node_even_released_ones(store: Store, other: Store) -> None:
     e1 = store.claim("node-1")
     e2 = other.claim("node-2")
@@ -136,6 +147,7 @@ def test_cluster_read_covers_every_node_even_released_ones(store: Store, other: 
     assert nodes["node-1"].released_at is not None and nodes["node-2"].released_at is None
 
 
+@pytest.mark.g3
 def test_help_updates_but_created_is_kept(store: Store) -> None:
     e = store.claim("node-1")
     store.write("node-1", e, [C], [("c_total", "[]", 1, 100.0)])
@@ -150,6 +162,7 @@ def test_help_updates_but_created_is_kept(store: Store) -> None:
     assert store.load_created("nobody") == {}
 
 
+@pytest.mark.g1
 def test_values_up_to_int64_max_survive(store: Store) -> None:
     e = store.claim("node-1")
     store.write("node-1", e, [C], [("c_total", '["max"]', 2**63 - 1, 1.0)])
@@ -184,6 +197,7 @@ def prometheus_rows() -> list[SeriesRow]:
     ]
 
 
+@pytest.mark.g1
 def test_prometheus_kinds_round_trip_as_exact_text(store: Store, other: Store) -> None:
     e = store.claim("node-1")
     store.write("node-1", e, [C, G, PH], [("c_total", '["a"]', 5, 1.0), *prometheus_rows()])
@@ -213,6 +227,7 @@ def test_prometheus_kinds_round_trip_as_exact_text(store: Store, other: Store) -
     )
 
 
+@pytest.mark.g3
 def test_prometheus_values_are_restored_by_a_new_claim_and_overwritten_as_text(
     store: Store, other: Store
 ) -> None:
@@ -228,6 +243,7 @@ def test_prometheus_values_are_restored_by_a_new_claim_and_overwritten_as_text(
     assert other.load_created("node-1")["g_live"]['["a"]'] == 100.0, "created is kept"
 
 
+@pytest.mark.g6
 def test_a_definition_of_an_invalid_kind_is_refused_and_nothing_is_written(store: Store) -> None:
     e = store.claim("node-1")
     for kind in ("gauge", "prometheus.Gauge", "prometheus.gauge.live.sum", "prometheus."):
@@ -254,6 +270,7 @@ def key(
     )  # fmt: skip
 
 
+@pytest.mark.g2
 def test_keys_are_recorded_with_the_values_and_seen_store_wide(store: Store, other: Store) -> None:
     e = store.claim("node-1")
     k = key("k1")
@@ -263,6 +280,7 @@ def test_keys_are_recorded_with_the_values_and_seen_store_wide(store: Store, oth
     assert store.lookup_key("k2") is None
 
 
+@pytest.mark.g2
 def test_a_recorded_key_refuses_the_whole_write(store: Store, other: Store) -> None:
     e1 = store.claim("node-1")
     e2 = other.claim("node-2")
@@ -283,6 +301,7 @@ def test_a_recorded_key_refuses_the_whole_write(store: Store, other: Store) -> N
     assert store.lookup_key("k1") == first, "the first record stays"
 
 
+@pytest.mark.g2
 def test_an_expired_key_is_forgotten_and_replaced(store: Store) -> None:
     e = store.claim("node-1")
     old = key("k1", expires=time.time() - 1)
@@ -293,6 +312,7 @@ def test_an_expired_key_is_forgotten_and_replaced(store: Store) -> None:
     assert store.lookup_key("k1") == new
 
 
+@pytest.mark.g2
 def test_expire_keys_deletes_only_expired_ones_up_to_the_limit(store: Store) -> None:
     e = store.claim("node-1")
     now = time.time()
@@ -309,6 +329,7 @@ def test_expire_keys_deletes_only_expired_ones_up_to_the_limit(store: Store) -> 
     assert all(store.lookup_key(k.key) == k for k in live)
 
 
+@pytest.mark.g4
 def test_a_fenced_write_records_no_keys(store: Store, other: Store) -> None:
     e1 = store.claim("node-1", epoch=1)
     store.release("node-1", e1)

@@ -228,6 +228,7 @@ def test_an_exception_after_the_first_chunk_is_an_error_of_that_request(reg: Reg
 # -- durability --------------------------------------------------------------------
 
 
+@pytest.mark.g1
 def test_durable_before_the_first_chunk_reaches_the_server(reg: Registry, db_url: str) -> None:
     app = KeepcountWSGIMiddleware(plain_app(body=[b"a", b"b"]), reg)
     got: list[str] = []
@@ -253,6 +254,7 @@ def test_an_empty_body_is_counted_when_it_ends(reg: Registry, db_url: str) -> No
     assert stored(db_url, "http_requests_total") == {("GET", "<unmatched>", "204"): 1}
 
 
+@pytest.mark.g1
 def test_write_is_a_send_point(reg: Registry, db_url: str) -> None:
     seen: list[dict[tuple[str, ...], Any]] = []
 
@@ -269,6 +271,7 @@ def test_write_is_a_send_point(reg: Registry, db_url: str) -> None:
     assert seen == [{("GET", "<unmatched>", "200"): 1}]
 
 
+@pytest.mark.g1
 def test_concurrent_threads_are_all_durable(reg: Registry, db_url: str) -> None:
     app = wrap(flask_app(), reg)
 
@@ -301,6 +304,7 @@ def test_bounded_async_lets_at_most_max_pending_responses_start_undurable(
 # -- commit failures -----------------------------------------------------------------
 
 
+@pytest.mark.g1
 def test_a_failed_commit_replaces_the_response_with_503(freg: Registry) -> None:
     store: FailingStore = freg.store  # type: ignore[assignment]
     c = Client(wrap(flask_app(), freg))
@@ -328,6 +332,7 @@ def test_a_failed_commit_closes_the_apps_body(freg: Registry) -> None:
     assert closed == [True]
 
 
+@pytest.mark.g1
 def test_a_failed_commit_at_write_sends_the_503_instead(freg: Registry) -> None:
     freg.store.fail = StoreUnavailable("store down")  # type: ignore[attr-defined]
     written: list[bytes] = []

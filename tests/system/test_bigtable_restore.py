@@ -37,7 +37,7 @@ from keepcount.nodeproc import NodeProcess, free_port
 KILLS = int(os.environ.get("KEEPCOUNT_BIGTABLE_KILLS", "4"))
 CLIENTS = 8
 NAME = "orders_total"
-pytestmark = [pytest.mark.crash, pytest.mark.slow]
+pytestmark = [pytest.mark.crash, pytest.mark.slow, pytest.mark.g1]
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from keepcount.cluster.spec import ClusterSpec
 from keepcount.cluster.supervisor import Supervisor
 from keepcount.cluster.workload import KeyedLoad, labels_key
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.g1]
 
 NAME = "orders_total"
 LABELS = [{"shop": s} for s in ("a", "b", "c")]

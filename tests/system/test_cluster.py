@@ -100,6 +100,7 @@ async def load_with_faults(
     return load
 
 
+@pytest.mark.g1
 @pytest.mark.parametrize("lb", ["haproxy", "nginx"])
 def test_sigkilled_nodes_lose_nothing_and_keyed_clients_see_no_error(
     tmp_path: Path, lb: str
@@ -130,6 +131,7 @@ async def _sigkills(tmp_path: Path, lb: str) -> None:
         print(f"{lb}: kill -> ready again {ready_after}; {load.ops} ops, {load.retries} retries")
 
 
+@pytest.mark.g4
 def test_a_zombie_acknowledges_nothing_and_its_late_writes_do_not_win(tmp_path: Path) -> None:
     """SIGSTOP a node past its claim's TTL under load; the detector starts a
     new incarnation on the other slot; requests sent straight to the paused
@@ -180,6 +182,7 @@ async def _zombie(tmp_path: Path) -> None:
         assert labels_key({"shop": "zombie"}) not in final, "the zombie counted nothing"
 
 
+@pytest.mark.g4
 def test_etcd_faults_one_member_then_all(tmp_path: Path) -> None:
     """One etcd member killed: the cluster goes on, no client error.  Every
     member killed: nodes stop acknowledging (503s, nothing acknowledged);
@@ -259,6 +262,7 @@ def test_cluster_cli_up_status_kill_restart_down(tmp_path: Path) -> None:
         assert process_state(n["pid"]) is None, f"{n['id']} still runs after down"
 
 
+@pytest.mark.g3
 def test_a_cluster_directory_starts_again_with_its_counters_and_epochs(tmp_path: Path) -> None:
     """`cluster up` after `cluster down` in the same --dir: etcd comes back
     on the ports its data was saved with (claims' epochs keep growing, so

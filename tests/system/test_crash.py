@@ -16,12 +16,12 @@ import threading
 from pathlib import Path
 
 import pytest
+from writer import COUNTER, HISTOGRAM, Tally, WriterProcess
 
 import keepcount
-from keepcount.writer import COUNTER, HISTOGRAM, Tally, WriterProcess
 
 KILLS = int(os.environ.get("KEEPCOUNT_CRASH_KILLS", "80"))
-pytestmark = pytest.mark.crash
+pytestmark = [pytest.mark.crash, pytest.mark.g1]
 
 
 def stored(url: str, node: str) -> dict[str, tuple[int, int]]:
@@ -82,6 +82,7 @@ def test_sigkill_never_loses_an_acknowledged_increment(tmp_path: Path, mode: str
           f"attempted {sum(tally.tried.values())}, stored {sum(v for v, _ in final.values())}")  # fmt: skip
 
 
+@pytest.mark.g5
 def test_kills_of_one_node_leave_another_node_in_the_same_file_whole(tmp_path: Path) -> None:
     """Two node ids share one file; one is killed again and again while the other writes."""
     url = f"sqlite:///{tmp_path}/shared.db"

@@ -30,7 +30,7 @@ from keepcount.nodeproc import free_port
 from keepcount.slots import host_of
 from keepcount.stores import open_store
 
-pytestmark = [pytest.mark.slow, pytest.mark.crash]
+pytestmark = [pytest.mark.slow, pytest.mark.crash, pytest.mark.g1]
 
 ROOT = Path(__file__).parents[2]
 CLIENTS = 8

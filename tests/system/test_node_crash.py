@@ -31,7 +31,7 @@ from keepcount.nodeproc import NodeProcess, free_port
 KILLS = int(os.environ.get("KEEPCOUNT_NODE_KILLS", "25"))
 CLIENTS = 16
 NAME = "orders_total"
-pytestmark = pytest.mark.crash
+pytestmark = [pytest.mark.crash, pytest.mark.g1]
 
 
 @dataclass
@@ -229,11 +229,13 @@ def test_acknowledged_increments_survive_sigkill_of_the_node(tmp_path: Path) -> 
     asyncio.run(crash_run(tmp_path, keyed=False, seed=1))
 
 
+@pytest.mark.g2
 @pytest.mark.slow
 def test_keyed_retries_after_kills_count_exactly_once_across_two_nodes(tmp_path: Path) -> None:
     asyncio.run(crash_run(tmp_path, keyed=True, seed=2))
 
 
+@pytest.mark.g3
 @pytest.mark.slow
 def test_readyz_is_503_until_a_large_restore_completes(tmp_path: Path) -> None:
     """With 200k series to restore, the node is reachable (healthz 200) but not

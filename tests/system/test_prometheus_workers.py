@@ -283,6 +283,7 @@ def _local_matches_host(local: dict[str, Any], s: Samples) -> None:
     assert mine == host
 
 
+@pytest.mark.g1
 @pytest.mark.crash
 def test_default_registry_restores_every_acknowledged_value_after_sigkill(
     tmp_path: Path, env: dict[str, str]
@@ -434,6 +435,7 @@ def _touch_last(server: Gunicorn, times: int) -> float:
     return float(value)
 
 
+@pytest.mark.g5
 @pytest.mark.crash
 def test_gauge_modes_combine_gunicorn_workers_through_a_sigkill(
     tmp_path: Path, env: dict[str, str]

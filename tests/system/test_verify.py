@@ -29,6 +29,7 @@ def verify(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str]
     return out, doc
 
 
+@pytest.mark.g1
 def test_a_short_run_with_kills_and_pauses_is_valid(tmp_path: Path) -> None:
     out, doc = verify(tmp_path, "--duration", "40", "--faults", "kill,pause", "--seed", "7",
                       "--quiet", "3")  # fmt: skip
@@ -45,6 +46,7 @@ def test_a_short_run_with_kills_and_pauses_is_valid(tmp_path: Path) -> None:
     assert (tmp_path / "v" / "history.jsonl").stat().st_size > 10_000
 
 
+@pytest.mark.g1
 def test_nodes_that_acknowledge_before_durable_are_caught(tmp_path: Path) -> None:
     """The mutation test: same run, broken nodes; the verdict must be INVALID."""
     out, doc = verify(tmp_path, "--duration", "25", "--faults", "kill", "--seed", "7",
@@ -55,6 +57,7 @@ def test_nodes_that_acknowledge_before_durable_are_caught(tmp_path: Path) -> Non
     assert doc["results"]["counter"]["valid"] is False, "acknowledged increments were lost"
 
 
+@pytest.mark.g4
 def test_network_partitions_are_survived(tmp_path: Path) -> None:
     """Node processes cut off the coordinator (still reached by the load
     balancer) or isolated, past their claim's TTL: each is replaced, every

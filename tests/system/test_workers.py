@@ -33,7 +33,7 @@ from keepcount.slots import host_of
 from keepcount.stores import open_store
 from keepcount.totals import cluster_totals
 
-pytestmark = [pytest.mark.crash, pytest.mark.slow]
+pytestmark = [pytest.mark.crash, pytest.mark.slow, pytest.mark.g1]
 
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent
@@ -319,6 +319,7 @@ def test_workers_killed_and_recycled_lose_no_acknowledged_request(
         server.stop()
 
 
+@pytest.mark.g5
 def test_two_hosts_on_one_store_show_their_own_totals(tmp_path: Path, env: dict[str, str]) -> None:
     ports = [free_port(), free_port()]
     servers = [

@@ -14,9 +14,9 @@ from keepcount.cluster.balancer import (
     BalancerNotInstalled,
     LoadBalancer,
     check_backends,
-    make_balancer,
     parse_listen,
 )
+from keepcount.cluster.balancers import make_balancer
 from keepcount.cluster.haproxy import HAProxy, HAProxySettings
 from keepcount.cluster.haproxy import render_config as haproxy_config
 from keepcount.cluster.nginx import Nginx, NginxSettings
@@ -49,6 +49,7 @@ def hap(settings: HAProxySettings | None = None, sock: str = "/run/kc/haproxy.so
     )
 
 
+@pytest.mark.g2
 def test_haproxy_retries_replay_only_keyed_requests() -> None:
     cfg = hap()
     assert "retry-on conn-failure empty-response response-timeout 503" in cfg
@@ -60,6 +61,7 @@ def test_haproxy_retries_replay_only_keyed_requests() -> None:
     assert "http-request disable-l7-retry if !safe_method !keyed" in cfg
 
 
+@pytest.mark.g3
 def test_haproxy_routes_by_key_and_checks_readiness() -> None:
     cfg = hap()
     assert "balance hdr(Idempotency-Key)" in cfg and "hash-type consistent" in cfg
@@ -175,6 +177,7 @@ def block(config: str, start: str) -> list[str]:
     return lines(body[:end])
 
 
+@pytest.mark.g2
 def test_nginx_non_idempotent_only_for_keyed_requests() -> None:
     cfg = ngx()
     keyed = block(cfg, "location /__keepcount_keyed/ {")

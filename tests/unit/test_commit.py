@@ -60,12 +60,14 @@ def durable(store: FaultyStore) -> dict[str, int]:
     return {k: v for k, v in snap.values.get("c_total", {}).items() if isinstance(v, int)}
 
 
+@pytest.mark.g1
 def test_commit_with_nothing_dirty_writes_nothing(freg: Registry, store: FaultyStore) -> None:
     freg.commit_sync()
     asyncio.run(freg.commit())
     assert store.writes == []
 
 
+@pytest.mark.g1
 def test_commit_makes_earlier_increments_durable(freg: Registry, store: FaultyStore) -> None:
     c = freg.counter("c_total", "", ["k"])
     c.labels("a").inc(2)
@@ -77,6 +79,7 @@ def test_commit_makes_earlier_increments_durable(freg: Registry, store: FaultySt
     assert store.writes[-1] == [("c_total", '["a"]', 3, pytest.approx(store.writes[0][0][3]))]
 
 
+@pytest.mark.g1
 def test_concurrent_async_waiters_share_one_write(freg: Registry, store: FaultyStore) -> None:
     c = freg.counter("c_total", "", ["k"])
 
@@ -101,6 +104,7 @@ def test_concurrent_async_waiters_share_one_write(freg: Registry, store: FaultyS
     assert len(durable(store)) == 65
 
 
+@pytest.mark.g1
 def test_a_commit_during_a_flush_waits_for_the_next_flush(
     freg: Registry, store: FaultyStore
 ) -> None:
@@ -121,6 +125,7 @@ def test_a_commit_during_a_flush_waits_for_the_next_flush(
     assert durable(store) == {'["a"]': 2}, "the second commit returned before a=2 was durable"
 
 
+@pytest.mark.g1
 def test_waiting_on_the_flush_in_flight_when_nothing_is_dirty(
     freg: Registry, store: FaultyStore
 ) -> None:
@@ -141,6 +146,7 @@ def test_waiting_on_the_flush_in_flight_when_nothing_is_dirty(
     assert returned.is_set() and durable(store) == {'["a"]': 1}
 
 
+@pytest.mark.g1
 def test_a_failed_flush_fails_its_waiters_and_keeps_values_dirty(
     freg: Registry, store: FaultyStore
 ) -> None:
@@ -157,6 +163,7 @@ def test_a_failed_flush_fails_its_waiters_and_keeps_values_dirty(
     assert durable(store) == {'["a"]': 5}
 
 
+@pytest.mark.g1
 def test_an_unexpected_driver_error_is_not_acknowledged(freg: Registry, store: FaultyStore) -> None:
     freg.counter("c_total").inc()
     store.fail = RuntimeError("driver bug")
@@ -164,6 +171,7 @@ def test_an_unexpected_driver_error_is_not_acknowledged(freg: Registry, store: F
         freg.commit_sync()
 
 
+@pytest.mark.g4
 def test_fenced_is_final(freg: Registry, store: FaultyStore) -> None:
     freg.counter("c_total").inc()
     store.fail = Fenced("newer epoch")
@@ -178,6 +186,7 @@ def test_fenced_is_final(freg: Registry, store: FaultyStore) -> None:
     assert freg.fenced
 
 
+@pytest.mark.g1
 def test_the_event_loop_runs_while_a_flush_is_held(freg: Registry, store: FaultyStore) -> None:
     freg.counter("c_total").inc()
     store.gate.clear()
@@ -197,6 +206,7 @@ def test_the_event_loop_runs_while_a_flush_is_held(freg: Registry, store: Faulty
     assert asyncio.run(main()) == 50
 
 
+@pytest.mark.g1
 def test_background_interval_flushes_without_commit(store: FaultyStore) -> None:
     reg = Registry(store, "node-1", flush_interval=0.05)
     try:
@@ -208,6 +218,7 @@ def test_background_interval_flushes_without_commit(store: FaultyStore) -> None:
         reg.close()
 
 
+@pytest.mark.g1
 def test_close_flushes_and_later_commits_are_refused(store: FaultyStore, tmp_path: Path) -> None:
     reg = Registry(store, "node-1", flush_interval=None)
     reg.counter("c_total").inc(4)
@@ -218,6 +229,7 @@ def test_close_flushes_and_later_commits_are_refused(store: FaultyStore, tmp_pat
         assert again.counter("c_total").value == 4
 
 
+@pytest.mark.g1
 def test_close_reports_a_failed_final_flush(store: FaultyStore) -> None:
     reg = Registry(store, "node-1", flush_interval=None)
     reg.counter("c_total").inc(4)
@@ -271,8 +283,10 @@ class CommitMachine(RuleBasedStateMachine):
 
 TestCommitMachine = CommitMachine.TestCase
 TestCommitMachine.settings = settings(max_examples=40, stateful_step_count=20, deadline=None)
+TestCommitMachine.pytestmark = [pytest.mark.g1]
 
 
+@pytest.mark.g1
 def test_cancelling_one_waiter_leaves_the_others_waiting(
     freg: Registry, store: FaultyStore
 ) -> None:

@@ -64,6 +64,7 @@ def test_hostports_bracket_ipv6() -> None:
     assert parsed.hostports() == ["[::1]:2181", "127.0.0.1:2182"]
 
 
+@pytest.mark.g6
 @pytest.mark.parametrize(
     ("url", "says"),
     [
@@ -100,12 +101,14 @@ def test_invalid_urls_say_what_is_wrong(url: str, says: str) -> None:
     assert "invalid coordinator URL" in message and "e.g." in message
 
 
+@pytest.mark.g6
 @pytest.mark.parametrize("url", [None, 2379, b"etcd://h"])
 def test_non_strings_are_invalid(url: object) -> None:
     with pytest.raises(InvalidInput):
         parse_coordinator_url(url)  # type: ignore[arg-type]
 
 
+@pytest.mark.g6
 def test_open_coordinator_refuses_bad_urls_before_connecting() -> None:
     with pytest.raises(InvalidInput):
         open_coordinator("redis://127.0.0.1:6379")
@@ -126,6 +129,7 @@ def test_open_coordinator_does_not_contact_the_server(url: str) -> None:
 # -- the arithmetic of a claim ----------------------------------------------------
 
 
+@pytest.mark.g4
 def test_margin_and_renewal_interval() -> None:
     assert margin(2.0) == 0.5
     assert margin(0.4) == MIN_MARGIN
@@ -135,6 +139,7 @@ def test_margin_and_renewal_interval() -> None:
         assert ttl - margin(ttl) >= 3 * renew_interval(ttl)
 
 
+@pytest.mark.g4
 def test_claim_state_deadline_counts_from_the_send_time() -> None:
     sent = time.monotonic()
     c = ClaimState("node-1", 7, 2.0, sent)
@@ -146,11 +151,13 @@ def test_claim_state_deadline_counts_from_the_send_time() -> None:
     assert c.deadline() == sent + 0.5 + 2.0 - margin(2.0)
 
 
+@pytest.mark.g4
 def test_claim_state_is_untrusted_once_the_deadline_passed() -> None:
     c = ClaimState("node-1", 7, 1.0, time.monotonic() - 1.0)  # last renewal 1 s ago
     assert not c.trusted() and not c.lost
 
 
+@pytest.mark.g4
 def test_claim_state_loss_is_final() -> None:
     c = ClaimState("node-1", 7, 2.0, time.monotonic())
     assert c.mark_lost("its lease expired") is True
@@ -162,6 +169,7 @@ def test_claim_state_loss_is_final() -> None:
     assert not c.trusted()
 
 
+@pytest.mark.g4
 def test_claim_state_release_is_idempotent() -> None:
     calls = []
 
@@ -175,6 +183,7 @@ def test_claim_state_release_is_idempotent() -> None:
     assert calls == ["node-1"] and c.reason == "released" and not c.trusted()
 
 
+@pytest.mark.g6
 @pytest.mark.parametrize("ttl", [0, -1.0, math.nan, math.inf, 3601, True, "2"])
 def test_bad_ttls(ttl: object) -> None:
     with pytest.raises(InvalidInput):

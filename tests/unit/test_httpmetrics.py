@@ -16,12 +16,14 @@ def test_methods_outside_the_standard_set_are_other() -> None:
     ]  # fmt: skip
 
 
+@pytest.mark.g1
 def test_durable_mode_always_waits() -> None:
     bound = PendingBound(0)
     marks = [bound.counted() for _ in range(3)]
     assert marks == [1, 2, 3]
 
 
+@pytest.mark.g6
 @pytest.mark.parametrize("bad", [-1, 1.5, "3", None])
 def test_max_pending_is_a_non_negative_int(bad: object) -> None:
     with pytest.raises(InvalidInput):

@@ -31,6 +31,7 @@ def test_valid_kinds(kind: str) -> None:
     assert has_buckets(kind) == (kind in ("histogram", "prometheus.histogram"))
 
 
+@pytest.mark.g6
 @pytest.mark.parametrize(
     "kind",
     ["", "gauge", "Counter", "counter ", "prometheus", "prometheus.", "prometheus..x",
@@ -51,6 +52,7 @@ PC = FamilyDef("pc_total", "prometheus.counter", "", ("k",))
 PH = FamilyDef("ph_seconds", "prometheus.histogram", "", (), (1.0, math.inf))
 
 
+@pytest.mark.g5
 def test_cluster_totals_skip_families_of_prometheus_kinds() -> None:
     snap = ClusterSnapshot(
         families={

@@ -15,6 +15,7 @@ def counter(labelnames: list[str] | tuple[str, ...] = ("route", "status"), **kw:
     return Counter.standalone("http_requests_total", "Requests", labelnames, **kw)
 
 
+@pytest.mark.g2
 def test_inc_defaults_to_one_and_adds_integers() -> None:
     c = counter().labels("/", "200")
     c.inc()
@@ -22,6 +23,7 @@ def test_inc_defaults_to_one_and_adds_integers() -> None:
     assert c.value == 42
 
 
+@pytest.mark.g6
 @pytest.mark.parametrize("amount", [-1, 1.5, 1.0, "1", None, True, float("nan"), [1]])
 def test_inc_refuses_bad_amounts_and_changes_nothing(amount: object) -> None:
     c = counter().labels("/", "200")
@@ -41,6 +43,7 @@ def test_inc_accepts_integral_types() -> None:
     assert c.value == 7
 
 
+@pytest.mark.g6
 def test_overflow_past_int64_is_refused_and_changes_nothing() -> None:
     c = counter().labels("/", "200")
     c.inc(MAX_VALUE - 1)
@@ -59,6 +62,7 @@ def test_labels_by_position_or_name_give_the_same_cached_child() -> None:
     assert len(fam) == 1
 
 
+@pytest.mark.g6
 @pytest.mark.parametrize(
     ("args", "kwargs"),
     [(("/",), {}), (("/", "200", "x"), {}), ((), {"route": "/"}), ((), {"route": "/", "code": "2"}),
@@ -79,6 +83,7 @@ def test_family_without_labels_counts_directly() -> None:
         counter().inc()
 
 
+@pytest.mark.g6
 def test_child_limit_stops_label_explosions_with_a_clear_error() -> None:
     fam = counter(max_children=3)
     for i in range(3):
@@ -89,6 +94,7 @@ def test_child_limit_stops_label_explosions_with_a_clear_error() -> None:
     assert len(fam) == 3
 
 
+@pytest.mark.g2
 def test_inc_is_thread_safe() -> None:
     child = counter().labels("/", "200")
     threads = [
@@ -101,6 +107,7 @@ def test_inc_is_thread_safe() -> None:
     assert child.value == 8 * 20_000 * 3
 
 
+@pytest.mark.g2
 @given(st.lists(st.integers(min_value=0, max_value=2**40), max_size=50))
 def test_value_is_the_sum_of_increments(amounts: list[int]) -> None:
     child = counter().labels("/", "200")
@@ -116,6 +123,7 @@ def test_label_keys_round_trip(values: list[str]) -> None:
     assert decode_label_key(label_key(tuple(values))) == tuple(values)
 
 
+@pytest.mark.g6
 def test_bucket_validation() -> None:
     assert check_buckets([1, 2]) == (1.0, 2.0, math.inf)
     assert check_buckets([0.5, math.inf]) == (0.5, math.inf)

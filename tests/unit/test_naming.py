@@ -15,6 +15,7 @@ from keepcount.naming import (
     label_value,
 )
 
+pytestmark = pytest.mark.g6
 PROM_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 

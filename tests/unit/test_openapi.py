@@ -10,7 +10,7 @@ import jsonschema_rs
 import pytest
 from starlette.routing import Route
 
-from keepcount.node import HTTPError, NodeConfig, _check_help, create_app
+from keepcount.node import HTTPError, NodeConfig, create_app, decode_increment
 from keepcount.openapi import MAX_HELP_LENGTH, OPENAPI, operations
 
 DOC: dict[str, Any] = json.loads(json.dumps(OPENAPI))  # as served
@@ -115,7 +115,7 @@ def test_the_documented_help_is_the_help_the_node_accepts() -> None:
     for text in ("", "ok", "é" * MAX_HELP_LENGTH, "x" * (MAX_HELP_LENGTH + 1),
                  *(chr(c) for c in range(0xA1))):  # fmt: skip
         try:
-            _check_help(text)  # the node's own check of the field
+            decode_increment(json.dumps({"help": text}).encode())  # the node's own check
         except HTTPError:
             accepted = False
         else:
@@ -133,3 +133,24 @@ def test_the_increment_documents_every_error_with_the_error_schema(status: str) 
     ref = responses[status]["$ref"].removeprefix("#/components/responses/")
     content = DOC["components"]["responses"][ref]["content"]
     assert content == {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+
+
+def test_the_document_is_derived_from_the_code() -> None:
+    from keepcount.errors import ErrorCode, InvalidInput
+    from keepcount.naming import MAX_LABEL_VALUE_LENGTH, MAX_NAME_LENGTH, check_metric_name
+
+    assert set(DOC["components"]["schemas"]["ErrorCode"]["enum"]) == {c.value for c in ErrorCode}
+    name = DOC["paths"]["/v1/counters/{name}"]["get"]["parameters"][0]["schema"]
+    assert name["maxLength"] == MAX_NAME_LENGTH
+    documented = jsonschema_rs.Draft202012Validator(name)
+    for text in ("a", "a:b_c", "_x", "1a", "a-b", "a.b", "a_bucket", "x_count", "y_sum",
+                 "z_created", "é", "n" * MAX_NAME_LENGTH, "n" * (MAX_NAME_LENGTH + 1)):  # fmt: skip
+        try:
+            check_metric_name(text)
+        except InvalidInput:
+            accepted = False
+        else:
+            accepted = True
+        assert documented.is_valid(text) is accepted, text
+    labels = DOC["components"]["schemas"]["IncrementRequest"]["properties"]["labels"]
+    assert labels["additionalProperties"]["maxLength"] == MAX_LABEL_VALUE_LENGTH

@@ -142,6 +142,15 @@ def test_the_cluster_document_follows_the_schema() -> None:
     assert len(doc["events"]) == ui_state.MAX_EVENTS and "mono" not in doc["events"][0]
 
 
+def test_a_slot_no_incarnation_holds_is_on_standby_not_down() -> None:
+    status = _status()
+    status["lb"]["backends"].update({"node-1.b": "DOWN", "node-2.b": "DOWN"})
+    doc = valid(cluster_state(status, None, [], Transitions()))
+    # node-1 holds node-1.a, node-2's old incarnation (alive) holds node-2.b
+    assert doc["lb"]["standby"] == ["node-1.b", "node-2.a"]
+    assert doc["lb"]["backends"]["node-2.b"] == "DOWN", "the balancer's view, unchanged"
+
+
 def test_without_a_ready_node_the_cluster_document_says_why() -> None:
     doc = valid(cluster_state(_status(), None, [], Transitions(), counters_time=1.0))
     assert doc["counters"] == [] and doc["counters_time"] is None

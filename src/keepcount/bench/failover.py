@@ -18,7 +18,7 @@ is ready again and ``duration`` more seconds passed.  For every kill:
   (target >= (N-1)/N).
 
 At the end the clients' tally must equal the cluster's totals, or the
-benchmark fails.  The load generator is Python (aiohttp): it, not the
+benchmark fails.  The load generator is Python (httpx): it, not the
 cluster, bounds the steady throughput, which is what the ratio needs.
 """
 
@@ -60,12 +60,10 @@ def run(settings: Settings, report: Report) -> BenchResult:
 async def _measure(
     directory: Path, lb: str, kills: int, steady: float, report: Report, offset: int
 ) -> dict[str, Any]:
-    import aiohttp
-
     from keepcount.cluster.faults import FaultError, kill, until
     from keepcount.cluster.spec import ClusterSpec
     from keepcount.cluster.supervisor import Supervisor
-    from keepcount.cluster.workload import KeyedLoad, labels_key
+    from keepcount.cluster.workload import KeyedLoad, labels_key, load_client
 
     total = 2 * (kills + 1)
     report(offset, total, f"failover: starting a cluster behind {lb}")
@@ -78,8 +76,8 @@ async def _measure(
     faults = []
     try:
         await until(sup.ready.is_set, sup_task, 120, "the cluster did not start")
-        async with aiohttp.ClientSession() as session:
-            load_task = asyncio.create_task(load.run(session, stop))
+        async with load_client() as client:  # for the totals (the load has its own)
+            load_task = asyncio.create_task(load.run(stop))
             await asyncio.sleep(1.0)  # warm-up: connections, first declarations
             steady_start = time.time()
             await asyncio.sleep(steady)
@@ -91,8 +89,8 @@ async def _measure(
                 await asyncio.sleep(steady)
             stop.set()
             await asyncio.wait_for(load_task, 120)
-            async with session.get(f"{spec.lb_url}/v1/cluster/counters/{_NAME}") as r:
-                body = await r.json()
+            r = await client.get(f"{spec.lb_url}/v1/cluster/counters/{_NAME}", timeout=60.0)
+            body = r.json()
         totals = {labels_key(c["labels"]): c["value"] for c in body["counters"]}
     except FaultError as exc:
         raise BenchError(f"failover ({lb}): {exc}") from None

@@ -1,12 +1,13 @@
 """``python -m keepcount.bench.httpnode``: ``keepcount node`` plus a no-op endpoint.
 
 The HTTP benchmark's server: the product's node, served exactly as
-``keepcount node`` serves it (``keepcount.cli.node.serve``: the same
+``keepcount node`` serves it (``keepcount.node.server.serve``: the same
 uvicorn settings, app, error handling and process), with one more route,
 ``POST /bench/noop``, that reads the body and answers a fixed JSON object
 of the increment answer's size without touching the registry.  Measuring
 both endpoints of one process isolates what durability costs from what the
-server stack costs.
+server stack costs.  With ``--unsafe-ack-before-durable`` the same node
+answers increments from memory (the benchmark's second process).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from keepcount.bench.http import NOOP_PATH
-from keepcount.cli.node import parse_listen, serve
 from keepcount.node import NodeConfig
+from keepcount.node.server import parse_listen, serve
 
 __all__ = ["main"]
 
@@ -44,9 +45,12 @@ class _Noop:
 @click.option("--id", "node_id", required=True)
 @click.option("--store", required=True)
 @click.option("--listen", required=True)
-def main(node_id: str, store: str, listen: str) -> None:
+@click.option("--unsafe-ack-before-durable", is_flag=True, help="NodeConfig's: answer from memory.")
+def main(node_id: str, store: str, listen: str, unsafe_ack_before_durable: bool) -> None:
     host, port = parse_listen(listen)
-    config = NodeConfig(node=node_id, store=store)
+    config = NodeConfig(
+        node=node_id, store=store, unsafe_ack_before_durable=unsafe_ack_before_durable
+    )
     raise SystemExit(
         serve(config, host, port, routes=[Route(NOOP_PATH, _Noop(), methods=["POST"])])
     )

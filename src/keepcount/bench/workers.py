@@ -1,7 +1,8 @@
 """``workers``: the same Flask app under multi-worker gunicorn, five ways of counting (issue 14).
 
 One Flask app (``keepcount.bench.workers_app``), its metrics backend chosen
-by an environment variable, served by ``gunicorn -w 2`` — sync workers, then
+by an environment variable, served by ``gunicorn -w 2``
+(``keepcount.bench.workers_server``) — sync workers, then
 gthread workers (``--threads 8``, where concurrent requests of one worker
 share a commit) — and driven by wrk (``-t2 -c16``, POST to ``/hello``).
 Every backend counts the same three families per request (requests,
@@ -30,10 +31,7 @@ still show?
 
 from __future__ import annotations
 
-import http.client
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -45,10 +43,12 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from keepcount.bench.measure import median
 from keepcount.bench.result import BenchError, BenchResult, Comparison, Report, Settings, Target
+from keepcount.bench.workers_server import BODY, METRICS_PATH, ROUTE, THREADS, Server
 from keepcount.bench.wrk import WrkRun, require_wrk, run_wrk
-from keepcount.nodeproc import free_port
 
 __all__ = [
     "BACKENDS", "CONNECTIONS", "LABELS", "PDC_VENV", "PEER", "TARGETS", "WORKER_CLASSES",
@@ -57,9 +57,6 @@ __all__ = [
 
 BACKENDS = ("none", "multiprocess", "pdc", "keepcount-async", "keepcount-durable")
 """As ``workers_app.BACKENDS`` (not imported from there: importing the app builds it)."""
-ROUTE = "/hello"
-READY_ROUTE = "/ready"
-METRICS_PATH = "/metrics"
 LABELS = {
     "none": "no metrics",
     "multiprocess": "prometheus_client multiprocess",
@@ -69,7 +66,6 @@ LABELS = {
 }
 PEER = "multiprocess"
 WORKER_CLASSES = ("sync", "gthread")
-THREADS = 8  # gthread's --threads
 CONNECTIONS = 16
 WRK_THREADS = 2
 PDC_VERSION = "2.1.5"
@@ -93,10 +89,6 @@ ONE_WORKER_BEFORE = {
     "keepcount-durable": 1337,
 }  # fmt: skip
 """Requests/s with one sync worker each, measured before (issue 14)."""
-_APP_MODULE = "kc_bench_app"  # the app's name in the work dir: not under keepcount.bench
-_BODY = ['{"n": 1}']
-_BOOT_TIMEOUT = 60.0
-_STOP_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,183 +104,15 @@ class Options:
     """Requests before the SIGKILL (default 500; 100 with ``--quick``)."""
 
 
-class Server:
-    """One gunicorn (its own process group) serving the app with one backend."""
-
-    def __init__(
-        self, backend: str, worker_class: str, workers: int, work: Path, gunicorn: Path
-    ) -> None:
-        self.backend = backend
-        self.worker_class = worker_class
-        self.workers = workers
-        self.work = work
-        self.gunicorn = gunicorn
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = work / "gunicorn.log"
-        self.mp_dir = work / "multiproc"
-        work.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(__file__).with_name("workers_app.py"), work / f"{_APP_MODULE}.py")
-        conf = "" if backend != "multiprocess" else _CHILD_EXIT
-        (work / "gunicorn.conf.py").write_text(conf)
-        if backend == "multiprocess":
-            self.mp_dir.mkdir(exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def argv(self) -> list[str]:
-        threads = ["--threads", str(THREADS)] if self.worker_class == "gthread" else []
-        return [
-            str(self.gunicorn), "--workers", str(self.workers),
-            "--worker-class", self.worker_class, *threads,
-            "--bind", f"127.0.0.1:{self.port}", "--config", str(self.work / "gunicorn.conf.py"),
-            "--pythonpath", str(self.work), "--error-logfile", str(self.log),
-            "--log-level", "warning", *_no_control_socket(self.gunicorn), f"{_APP_MODULE}:app",
-        ]  # fmt: skip
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-        env["KEEPCOUNT_BENCH_BACKEND"] = self.backend
-        if self.backend == "multiprocess":
-            env["PROMETHEUS_MULTIPROC_DIR"] = str(self.mp_dir)
-        env["PDC_SQLITE"] = str(self.work / "pdc.db")
-        env["KEEPCOUNT_STORE"] = f"sqlite:///{self.work / 'keepcount.db'}"
-        env["KEEPCOUNT_NODE"] = "web"
-        return env
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv(),
-                cwd=self.work,
-                env=self.env(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: one killpg takes every worker
-            )
-
-    def wait_ready(self) -> None:
-        """Poll ``/ready`` until it answers 200."""
-        assert self.proc is not None
-        started = time.monotonic()
-        while time.monotonic() - started < _BOOT_TIMEOUT:
-            code = self.proc.poll()
-            if code is not None:
-                raise BenchError(f"{self.name} exited with {code} while booting{self.log_tail()}")
-            try:
-                if _request(self.port, "GET", READY_ROUTE, timeout=2)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.02)  # poll interval, not synchronisation: the loop awaits /ready
-        raise BenchError(f"{self.name} not ready within {_BOOT_TIMEOUT} s{self.log_tail()}")
-
-    @property
-    def name(self) -> str:
-        return f"gunicorn -w {self.workers} -k {self.worker_class} ({self.backend})"
-
-    def log_tail(self) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return f"\n--- {self.log} ---\n{text[-3000:]}" if text else ""
-
-    def kill_group(self) -> None:
-        """SIGKILL the master and every worker at once; return once all are dead."""
-        assert self.proc is not None
-        pgid = self.proc.pid
-        members = _group_members(pgid)
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(_STOP_TIMEOUT)
-        deadline = time.monotonic() + _STOP_TIMEOUT
-        while any(_alive(pid) for pid in members):  # workers: reaped by init, not by us
-            if time.monotonic() > deadline:
-                raise BenchError(f"{self.name}: processes {members} outlived SIGKILL")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        """SIGTERM (graceful: keepcount flushes and releases), SIGKILL what is left."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(_STOP_TIMEOUT)
-
-
-_CHILD_EXIT = '''"""gunicorn config: prometheus_client's multiprocess mode, as its docs say."""
-
-
-def child_exit(server, worker):
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(worker.pid)
-'''
-
-
-def _no_control_socket(gunicorn: Path, cache: dict[Path, list[str]] = {}) -> list[str]:  # noqa: B006
-    """``--no-control-socket`` where gunicorn has one (25+): one shared path otherwise."""
-    if gunicorn not in cache:
-        out = subprocess.run(
-            [str(gunicorn), "--help"], capture_output=True, text=True, timeout=60, check=False
-        ).stdout
-        cache[gunicorn] = ["--no-control-socket"] if "--no-control-socket" in out else []
-    return cache[gunicorn]
-
-
-def _group_members(pgid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
-                pids.append(int(entry.name))
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie has closed its files and released its locks: not alive)."""
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _request(port: int, method: str, path: str, timeout: float = 30) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        headers = {"Content-Type": "application/json"} if method == "POST" else {}
-        conn.request(method, path, body=_BODY[0] if method == "POST" else None, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
-def _send(port: int, requests: int, clients: int = 4) -> tuple[int, int]:
+def _send(server: Server, requests: int, clients: int = 4) -> tuple[int, int]:
     """``requests`` POSTs from ``clients`` threads, one at a time each: (200s, others)."""
 
     def client(n: int) -> tuple[int, int]:
         ok = bad = 0
         for _ in range(n):
             try:
-                status, _body = _request(port, "POST", ROUTE)
-            except OSError:
+                status, _body = server.request("POST", ROUTE)
+            except httpx.TransportError:
                 bad += 1
                 continue
             ok, bad = (ok + 1, bad) if status == 200 else (ok, bad + 1)
@@ -322,7 +146,7 @@ def _scrape(server: Server) -> int | None:
     """
     if server.backend == "none":
         return None
-    status, body = _request(server.port, "GET", METRICS_PATH)
+    status, body = server.request("GET", METRICS_PATH)
     if status != 200:
         raise BenchError(f"{server.name}: /metrics answered {status}: {body[:300]!r}")
     return _requests_counted(body.decode())
@@ -413,7 +237,7 @@ def _measure_class(
 
         def wrk(server: Server, duration: float) -> WrkRun:
             return run_wrk(
-                server.url, ROUTE, _BODY, connections=CONNECTIONS, threads=WRK_THREADS,
+                server.url, ROUTE, [BODY], connections=CONNECTIONS, threads=WRK_THREADS,
                 duration=duration, workdir=server.work,
             )  # fmt: skip
 
@@ -438,7 +262,7 @@ def _crash_check(server: Server, requests: int) -> dict[str, Any]:
     try:
         server.start()
         server.wait_ready()
-        acked, failed = _send(server.port, requests)
+        acked, failed = _send(server, requests)
         answered = time.monotonic()
         before = _scrape(server)
         killed = time.monotonic()

@@ -53,10 +53,14 @@ from keepcount.bench import (
 from keepcount.bench.machine import describe
 from keepcount.bench.redis import require_tools
 from keepcount.bench.result import Report, settings_json
+from keepcount.cli.extras import EXTRAS, needs_extra, require
 
 __all__ = ["bench"]
 
 _RAM_FILESYSTEMS = ("tmpfs", "ramfs")
+_EXTRA_MODULES = {"failover": EXTRAS["etcd"], "cassandra": EXTRAS["cassandra"]}
+"""Benchmarks that need modules of an optional extra (the failover's cluster
+takes its claims in etcd)."""
 
 
 @click.command()
@@ -139,6 +143,8 @@ def bench(
             rounds=rounds,
         )
         runners["workers"] = functools.partial(workers.run, options=options)
+    extra = "cassandra" if names == ["cassandra"] else "cluster"
+    require("bench", extra, *(m for n in names for m in _EXTRA_MODULES.get(n, ())))
     if "durable" in names:
         try:
             require_tools()  # before minutes of other benchmarks, not after
@@ -156,7 +162,8 @@ def bench(
         settings = Settings(Path(tmp), quick, duration)
         machine = describe(settings.workdir)
         _header(console, machine, settings)
-        results = _run_all(console, names, settings, runners)
+        with needs_extra("bench", extra):
+            results = _run_all(console, names, settings, runners)
     console.print(_summary(results))
     doc = {
         "keepcount": __version__,

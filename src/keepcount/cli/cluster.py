@@ -17,18 +17,29 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import click
 
-from keepcount.cluster.spec import BALANCERS, COORDINATORS, ClusterSpec
+from keepcount.cluster.spec import (
+    BALANCERS,
+    CLAIM_TTL_RANGE,
+    COORDINATORS,
+    DEFAULT_CLAIM_TTL,
+    DEFAULT_COORDINATOR,
+    DEFAULT_LB,
+    DEFAULT_NODES,
+    DEFAULT_PORT,
+    MAX_NODES,
+    SPEC_FILE,
+    ClusterSpec,
+)
 from keepcount.errors import InvalidInput
+from keepcount.nodeproc import http_request
+from keepcount.process import ManagedProcess, ProcessExited, wait_exit
 
 __all__ = ["ClusterClient", "cluster"]
 
@@ -43,7 +54,8 @@ _dir_option = click.option(
 
 
 class ClusterClient:
-    """The control API of a running cluster's supervisor (stdlib HTTP)."""
+    """The control API of a running cluster's supervisor (over httpx:
+    ``keepcount.nodeproc.http_request``)."""
 
     def __init__(self, directory: Path) -> None:
         self.spec = ClusterSpec.load(directory)
@@ -53,28 +65,26 @@ class ClusterClient:
         self, method: str, path: str, body: Any = None, timeout: float = 90.0
     ) -> dict[str, Any]:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(  # noqa: S310 - http://127.0.0.1 only
-            self.spec.api_url + path,
-            data=data,
-            method=method,
-            headers={"Content-Type": "application/json"},
-        )
+        spec = self.spec
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http://127.0.0.1 only
-                answer: dict[str, Any] = json.loads(resp.read())
-                return answer
-        except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read())["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = str(exc)
-            raise click.ClickException(message) from None
+            status, raw = http_request(
+                method, spec.host, spec.api_port, path, data, timeout,
+                headers={"Content-Type": "application/json"},
+            )  # fmt: skip
         except OSError as exc:
             raise click.ClickException(
-                f"the cluster's supervisor does not answer at {self.spec.api_url} ({exc}); "
+                f"the cluster's supervisor does not answer at {spec.api_url} ({exc}); "
                 f"is it up? (`keepcount cluster up --dir {self.directory}`; "
                 f"its log: {self.directory / LOG_FILE})"
             ) from None
+        if status >= 400:
+            try:
+                message = json.loads(raw)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {status}: {raw[:200].decode(errors='replace')}"
+            raise click.ClickException(message)
+        answer: dict[str, Any] = json.loads(raw)
+        return answer
 
     def status(self, counters: bool = False) -> dict[str, Any]:
         return self.call("GET", "/api/status" + ("?counters=1" if counters else ""))
@@ -93,18 +103,24 @@ def cluster() -> None:
 
 
 @cluster.command()
-@click.option("--nodes", type=click.IntRange(1, 32), default=3, show_default=True)
-@click.option("--lb", type=click.Choice(BALANCERS), default="haproxy", show_default=True)
-@click.option("--coordinator", type=click.Choice(COORDINATORS), default="etcd", show_default=True)
+@click.option(
+    "--nodes", type=click.IntRange(1, MAX_NODES), default=DEFAULT_NODES, show_default=True
+)
+@click.option("--lb", type=click.Choice(BALANCERS), default=DEFAULT_LB, show_default=True)
+@click.option(
+    "--coordinator", type=click.Choice(COORDINATORS), default=DEFAULT_COORDINATOR,
+    show_default=True,
+)  # fmt: skip
 @click.option("--store", default=None, metavar="URL",
               help="Store URL (default: sqlite:///DIR/counters.db, shared by the nodes), "
                    "'cassandra' (a local 3-node Apache Cassandra cluster under DIR) or "
                    "'bigtable' (a local Bigtable emulator).")  # fmt: skip
 @_dir_option
-@click.option("--port", type=int, default=8100, show_default=True,
+@click.option("--port", type=int, default=DEFAULT_PORT, show_default=True,
               help="Load balancer port; the nodes' slots and the API take the ones after it. "
                    "0: free ports.")  # fmt: skip
-@click.option("--claim-ttl", type=click.FloatRange(1.0, 60), default=3.0, show_default=True,
+@click.option("--claim-ttl", type=click.FloatRange(*CLAIM_TTL_RANGE), default=DEFAULT_CLAIM_TTL,
+              show_default=True,
               help="Seconds a node's claim outlives its last renewal.")  # fmt: skip
 @click.option("--timeout", type=float, default=120.0, show_default=True,
               help="Seconds to wait for every node to be ready.")  # fmt: skip
@@ -122,7 +138,7 @@ def up(
 ) -> None:
     """Start a cluster in --dir and wait until every node is ready."""
     directory = directory.resolve()
-    if (directory / "cluster.json").exists() and ClusterClient(directory).alive():
+    if (directory / SPEC_FILE).exists() and ClusterClient(directory).alive():
         raise click.ClickException(
             f"a cluster is already running in {directory}: `keepcount cluster down --dir {directory}`"
         )
@@ -138,33 +154,34 @@ def up(
         click.echo(f"live page: {spec.api_url}/ui   (load balancer {spec.lb_url})", err=True)
         _supervise(spec)
         return
-    log = open(directory / LOG_FILE, "ab")  # noqa: SIM115 - handed to the child
-    with log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "keepcount.cli", "cluster", "supervise", "--dir", str(directory)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: `down` can always clean up
-        )  # fmt: skip
-    (directory / PID_FILE).write_text(f"{proc.pid}\n")
+    supervisor = ManagedProcess("supervisor", directory / LOG_FILE, new_session=True)
+    # A session of its own (its own process group): `down` can always clean up.
+    supervisor.spawn(
+        [sys.executable, "-m", "keepcount.cli", "cluster", "supervise", "--dir", str(directory)]
+    )
+    (directory / PID_FILE).write_text(f"{supervisor.pid}\n")
     client = ClusterClient(directory)
-    deadline = time.monotonic() + timeout
     click.echo(f"starting {nodes} nodes behind {lb}, coordinator {coordinator}, in {directory}")
-    while True:
-        code = proc.poll()
-        if code is not None:
-            raise click.ClickException(
-                f"the supervisor exited with {code}:\n{_tail(directory / LOG_FILE)}"
-            )
+    seen: list[dict[str, Any]] = []
+
+    def ready() -> bool:
         with contextlib.suppress(click.ClickException):
-            status = client.status()
-            if status["ready"]:
-                break
-        if time.monotonic() > deadline:
-            raise click.ClickException(
-                f"not ready within {timeout:g} s; see {directory / LOG_FILE} "
-                f"(`keepcount cluster down --dir {directory}` to clean up)"
-            )
-        time.sleep(0.1)  # poll interval of a readiness wait
+            seen[:] = [client.status()]
+            return bool(seen[0]["ready"])
+        return False
+
+    try:
+        supervisor.wait_until(ready, timeout, interval=0.1)
+    except ProcessExited:
+        raise click.ClickException(
+            f"the supervisor exited with {supervisor.returncode}:\n{_tail(directory / LOG_FILE)}"
+        ) from None
+    except TimeoutError:
+        raise click.ClickException(
+            f"not ready within {timeout:g} s; see {directory / LOG_FILE} "
+            f"(`keepcount cluster down --dir {directory}` to clean up)"
+        ) from None
+    status = seen[0]
     _print_status(status)
     click.echo(
         f"\nlive page: {spec.api_url}/ui\n"
@@ -249,28 +266,12 @@ def down(directory: Path, timeout: float) -> None:
     pid = int(pid_file.read_text()) if pid_file.exists() else None
     if client.alive():
         client.call("POST", "/api/down")
-    deadline = time.monotonic() + timeout
-    while pid is not None and _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)  # poll interval: waiting for the supervisor to exit
     if pid is not None:
+        wait_exit(pid, timeout)  # its exit awaited (a pidfd), for at most `timeout`
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)  # whatever is left of its process group
         pid_file.unlink(missing_ok=True)
     click.echo(f"cluster in {directory} is down")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat[stat.rindex(")") + 2] == "Z":
-            return False
-    return True
 
 
 def _tail(path: Path, n: int = 40) -> str:

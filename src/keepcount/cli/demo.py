@@ -36,7 +36,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from keepcount.cli.extras import coordinator_modules, needs_extra, require
+
 if TYPE_CHECKING:
+    import httpx
+
     from keepcount.cluster.faults import Fault
 
 __all__ = ["demo"]
@@ -44,6 +48,9 @@ __all__ = ["demo"]
 COUNTER = "demo_orders_total"
 LABEL_SETS = [{"shop": s, "channel": c} for s in ("paris", "lyon") for c in ("web", "app")]
 SAMPLE_EVERY = 0.2
+SAMPLE_TIMEOUT = 1.0
+"""Seconds a node has to answer a sample (else the sample is skipped)."""
+TOTALS_TIMEOUT = 60.0
 
 
 @dataclass
@@ -75,10 +82,14 @@ def demo(
     seed: int | None, linger: float,
 ) -> None:  # fmt: skip
     """Kill and pause nodes of a live cluster; show that no acknowledged increment is lost."""
-    console = Console()
-    seed = random.randrange(2**32) if seed is None else seed
-    workdir = workdir.resolve()
-    ok = asyncio.run(_demo(console, workdir, nodes, lb, coordinator, clients, steady, seed, linger))
+    with needs_extra("demo", "cluster"):
+        require("demo", "cluster", *coordinator_modules(coordinator), "matplotlib")
+        console = Console()
+        seed = random.randrange(2**32) if seed is None else seed
+        workdir = workdir.resolve()
+        ok = asyncio.run(
+            _demo(console, workdir, nodes, lb, coordinator, clients, steady, seed, linger)
+        )
     if not ok:
         raise SystemExit(1)
 
@@ -87,12 +98,10 @@ async def _demo(
     console: Console, workdir: Path, nodes: int, lb: str, coordinator: str, clients: int,
     steady: float, seed: int, linger: float = 0.0,
 ) -> bool:  # fmt: skip
-    import aiohttp
-
     from keepcount.cluster.faults import FaultError, kill, pause, until
     from keepcount.cluster.spec import ClusterSpec
     from keepcount.cluster.supervisor import Supervisor
-    from keepcount.cluster.workload import KeyedLoad
+    from keepcount.cluster.workload import KeyedLoad, load_client
 
     rnd = random.Random(seed)
     cdir = workdir / "cluster"
@@ -135,9 +144,9 @@ async def _demo(
             f"{elapsed()}  [green]cluster ready[/]: load balancer {spec.lb_url}, "
             f"control API {spec.api_url} (`keepcount cluster status --dir {cdir}`)"
         )
-        async with aiohttp.ClientSession() as session:
-            sampler = asyncio.create_task(_sample(session, sup, samples, stop_sampling))
-            load_task = asyncio.create_task(load.run(session, stop_load))
+        async with load_client(nodes) as client:  # the sampler's (one per node) and the totals'
+            sampler = asyncio.create_task(_sample(client, sup, samples, stop_sampling))
+            load_task = asyncio.create_task(load.run(stop_load))
             console.print(f"{elapsed()}  {clients} clients send keyed increments through {lb}")
             await asyncio.sleep(steady)  # undisturbed load: the steady-state baseline
             victims = [spec.nodes[i % nodes].id for i in rnd.sample(range(nodes), nodes)]
@@ -157,7 +166,7 @@ async def _demo(
             await asyncio.wait_for(load_task, 120)
             stop_sampling.set()
             await sampler
-            totals = await _totals(session, spec.lb_url)
+            totals = await _totals(client, spec.lb_url)
         tally = load.tally()
         keys = sorted(set(tally) | set(totals))
         equal = all(tally.get(k, 0) == totals.get(k, 0) for k in keys)
@@ -196,37 +205,40 @@ async def _demo(
         console.print(f"{elapsed()}  cluster torn down (logs in {cdir})")
 
 
-async def _sample(session: Any, sup: Any, samples: Samples, stop: asyncio.Event) -> None:
-    import aiohttp
+async def _sample(
+    client: httpx.AsyncClient, sup: Any, samples: Samples, stop: asyncio.Event
+) -> None:
+    import httpx
 
-    timeout = aiohttp.ClientTimeout(total=1)
     while not stop.is_set():
         for node, ns in sup.nodes.items():
             cur = ns.current
             if cur is None or not cur.ready:
                 continue
             try:
-                async with session.get(f"{cur.process.url}/v1/counters/{COUNTER}",
-                                       timeout=timeout) as r:  # fmt: skip
-                    if r.status != 200:
-                        continue
-                    body = await r.json()
-            except (TimeoutError, aiohttp.ClientError, ValueError):
+                async with asyncio.timeout(SAMPLE_TIMEOUT):
+                    r = await client.get(
+                        f"{cur.process.url}/v1/counters/{COUNTER}", timeout=SAMPLE_TIMEOUT
+                    )
+                if r.status_code != 200:
+                    continue
+                body = r.json()
+            except (TimeoutError, httpx.RequestError, ValueError):
                 continue
             value = sum(c["value"] for c in body["counters"])
             samples.points.setdefault(node, []).append((time.time(), value, cur.number))
         await asyncio.sleep(SAMPLE_EVERY)
 
 
-async def _totals(session: Any, lb_url: str) -> dict[str, int]:
+async def _totals(client: httpx.AsyncClient, lb_url: str) -> dict[str, int]:
     from keepcount.cluster.workload import labels_key
 
-    async with session.get(f"{lb_url}/v1/cluster/counters/{COUNTER}") as r:
-        if r.status == 404:
-            return {}
-        body = await r.json()
-        if r.status != 200:
-            raise click.ClickException(f"reading the totals failed: {r.status} {body}")
+    r = await client.get(f"{lb_url}/v1/cluster/counters/{COUNTER}", timeout=TOTALS_TIMEOUT)
+    if r.status_code == 404:
+        return {}
+    body = r.json()
+    if r.status_code != 200:
+        raise click.ClickException(f"reading the totals failed: {r.status_code} {body}")
     return {labels_key(c["labels"]): int(c["value"]) for c in body["counters"]}
 
 

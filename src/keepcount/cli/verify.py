@@ -19,6 +19,8 @@ from pathlib import Path
 
 import click
 
+from keepcount.cli.extras import coordinator_modules, needs_extra, require
+
 __all__ = ["verify"]
 
 EXIT_INVALID = 1
@@ -55,41 +57,45 @@ def verify(
 ) -> None:  # fmt: skip
     """Inject faults into a live cluster and check its history: no acknowledged
     increment lost, none counted twice, no value going backwards."""
-    from rich.console import Console
+    store_modules = ("cassandra",) if store == "cassandra" else ()
+    with needs_extra("verify", "cluster"):
+        require("verify", "cluster", *coordinator_modules(coordinator), *store_modules,
+                "matplotlib")  # fmt: skip
+        from rich.console import Console
 
-    from keepcount.verify.nemesis import KINDS
-    from keepcount.verify.run import Options
-    from keepcount.verify.run import verify as run
+        from keepcount.verify.nemesis import KINDS
+        from keepcount.verify.run import Options
+        from keepcount.verify.run import verify as run
 
-    kinds = tuple(k.strip() for k in faults.split(",") if k.strip())
-    unknown = sorted(set(kinds) - set(KINDS))
-    if unknown:
-        raise click.UsageError(f"unknown fault kinds {unknown}: choose from {', '.join(KINDS)}")
-    seed = random.randrange(2**31) if seed is None else seed
-    console = Console()
-    started = time.monotonic()
+        kinds = tuple(k.strip() for k in faults.split(",") if k.strip())
+        unknown = sorted(set(kinds) - set(KINDS))
+        if unknown:
+            raise click.UsageError(f"unknown fault kinds {unknown}: choose from {', '.join(KINDS)}")
+        seed = random.randrange(2**31) if seed is None else seed
+        console = Console()
+        started = time.monotonic()
 
-    def log(line: str) -> None:
-        console.print(f"[dim]{time.monotonic() - started:7.1f} s[/]  {line}", highlight=False)
+        def log(line: str) -> None:
+            console.print(f"[dim]{time.monotonic() - started:7.1f} s[/]  {line}", highlight=False)
 
-    opts = Options(
-        directory=directory, duration=duration, clients=clients, keyed=keyed, faults=kinds,
-        store="cassandra" if store == "cassandra" else "sqlite", coordinator=coordinator, lb=lb,
-        nodes=nodes, seed=seed, quiet=quiet, mutant=mutant,
-    )  # fmt: skip
-    verdict = asyncio.run(run(opts, log))
-    for name, result in verdict.results.items():
-        if name == "valid":
-            continue
-        mark = {True: "[green]valid[/]", False: "[red]INVALID[/]", None: "[yellow]unknown[/]"}
-        console.print(f"  {name:14} {mark[result.valid]}  {result.summary}", highlight=False)
-        for error in result.errors[:5]:
-            console.print(f"      {error}", highlight=False)
-    text = {True: "[bold green]VALID[/]", False: "[bold red]INVALID[/]",
-            None: "[bold yellow]UNKNOWN[/]"}[verdict.valid]  # fmt: skip
-    console.print(f"verdict: {text} — {verdict.operations:,} operations, {verdict.faults} faults "
-                  f"(seed {seed}); report: {verdict.report}")  # fmt: skip
-    if verdict.valid is False:
-        raise SystemExit(EXIT_INVALID)
-    if verdict.valid is None:
-        raise SystemExit(EXIT_UNKNOWN)
+        opts = Options(
+            directory=directory, duration=duration, clients=clients, keyed=keyed, faults=kinds,
+            store="cassandra" if store == "cassandra" else "sqlite", coordinator=coordinator, lb=lb,
+            nodes=nodes, seed=seed, quiet=quiet, mutant=mutant,
+        )  # fmt: skip
+        verdict = asyncio.run(run(opts, log))
+        for name, result in verdict.results.items():
+            if name == "valid":
+                continue
+            mark = {True: "[green]valid[/]", False: "[red]INVALID[/]", None: "[yellow]unknown[/]"}
+            console.print(f"  {name:14} {mark[result.valid]}  {result.summary}", highlight=False)
+            for error in result.errors[:5]:
+                console.print(f"      {error}", highlight=False)
+        text = {True: "[bold green]VALID[/]", False: "[bold red]INVALID[/]",
+                None: "[bold yellow]UNKNOWN[/]"}[verdict.valid]  # fmt: skip
+        console.print(f"verdict: {text} — {verdict.operations:,} operations, "
+                      f"{verdict.faults} faults (seed {seed}); report: {verdict.report}")  # fmt: skip
+        if verdict.valid is False:
+            raise SystemExit(EXIT_INVALID)
+        if verdict.valid is None:
+            raise SystemExit(EXIT_UNKNOWN)

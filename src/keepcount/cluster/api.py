@@ -25,10 +25,12 @@ event loop.  Every answer is JSON; errors are ``{"error": {"code",
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import uvicorn
 from starlette.applications import Starlette
@@ -36,13 +38,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from keepcount.cluster.launcher import NodeState
+from keepcount.cluster.spec import ClusterSpec
 from keepcount.errors import InvalidInput
 from keepcount.ui import STATE_PATH, TimedCache, Transitions, asset_routes, cluster_state
 
-if TYPE_CHECKING:
-    from keepcount.cluster.supervisor import Supervisor
-
-__all__ = ["UI_COUNTERS_EVERY", "UI_SAMPLE_EVERY", "ClusterView", "create_api", "serve_api"]
+__all__ = [
+    "UI_COUNTERS_EVERY",
+    "UI_SAMPLE_EVERY",
+    "ClusterControl",
+    "ClusterView",
+    "create_api",
+    "serve_api",
+]
 
 UI_SAMPLE_EVERY = 0.05
 """Seconds between two looks at the nodes' states for the live page: half the
@@ -57,6 +65,39 @@ A killed node is ``down`` for one detector tick (20 ms) before its restart:
 only the event tells.  A first ``ready`` also tells when the node began
 restoring and when it finished (its ``/readyz``): a restore is often shorter
 than a probe period."""
+
+
+class ClusterControl(Protocol):
+    """What the API and the live page need of a supervisor
+    (``keepcount.cluster.supervisor.Supervisor`` is one): its nodes and
+    events to read, its verbs to call.  The supervisor imports this module,
+    never the other way round."""
+
+    @property
+    def spec(self) -> ClusterSpec: ...
+
+    @property
+    def nodes(self) -> Mapping[str, NodeState]: ...
+
+    @property
+    def events(self) -> Sequence[dict[str, Any]]:
+        """The latest events, oldest first (each with its ``seq``)."""
+        ...
+
+    @property
+    def event_count(self) -> int:
+        """The last event's ``seq``."""
+        ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def counters(self) -> dict[str, Any] | None: ...
+
+    async def signal(self, node: str, name: str) -> dict[str, Any]: ...
+
+    async def restart(self, node: str) -> dict[str, Any]: ...
+
+    def stop(self) -> None: ...
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -76,7 +117,7 @@ class ClusterView:
         doc = await view.document()
     """
 
-    def __init__(self, sup: Supervisor) -> None:
+    def __init__(self, sup: ClusterControl) -> None:
         self.sup = sup
         self.transitions = Transitions()
         self._seq = 0
@@ -93,7 +134,7 @@ class ClusterView:
                 self._seq = ev["seq"]
                 state = _EVENT_STATES.get(ev["event"])
                 node = ev.get("node")
-                if state is None or node not in sup.nodes:
+                if state is None or not isinstance(node, str) or node not in sup.nodes:
                     continue
                 t = ev["t"]
                 since, ready_at = ev.get("restoring_since"), ev.get("ready_at")
@@ -137,7 +178,7 @@ class ClusterView:
         )  # fmt: skip
 
 
-def create_api(sup: Supervisor) -> Starlette:
+def create_api(sup: ClusterControl) -> Starlette:
     async def status(request: Request) -> JSONResponse:
         body = sup.status()
         if request.query_params.get("counters"):
@@ -198,12 +239,10 @@ def create_api(sup: Supervisor) -> Starlette:
 class _Server(uvicorn.Server):
     # The supervisor owns SIGTERM/SIGINT (they tear the cluster down).
     def capture_signals(self) -> Any:
-        import contextlib
-
         return contextlib.nullcontext()
 
 
-async def serve_api(sup: Supervisor) -> None:
+async def serve_api(sup: ClusterControl) -> None:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((sup.spec.host, sup.spec.api_port))

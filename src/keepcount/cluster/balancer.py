@@ -3,11 +3,13 @@
 A ``LoadBalancer`` is a real HAProxy or NGINX process, configured from a list
 of ``Backend`` servers and started, probed and stopped from Python.  Two
 implementations: ``keepcount.cluster.haproxy.HAProxy`` and
-``keepcount.cluster.nginx.Nginx``; ``make_balancer`` picks one by name.
+``keepcount.cluster.nginx.Nginx``, both importing this module;
+``keepcount.cluster.balancers.make_balancer`` picks one by name.
 
 Example::
 
-    from keepcount.cluster.balancer import Backend, make_balancer
+    from keepcount.cluster.balancer import Backend
+    from keepcount.cluster.balancers import make_balancer
 
     backends = [Backend("node-1.a", "127.0.0.1", 8101), Backend("node-1.b", "127.0.0.1", 8102)]
     lb = make_balancer("haproxy", "/tmp/lb", 8100, backends)
@@ -31,7 +33,8 @@ Contract shared by both:
   reached a node (its outcome is unknown to the client, not the balancer's
   to guess); a failed *connection* is retried for every request, since
   nothing was sent.  Requests without a key are spread round robin.
-- ``stop()`` returns once the process (and its workers) are gone and reaped.
+- ``stop()`` returns once the process (and its workers) are gone and reaped
+  (``BalancerProcess``, a ``keepcount.process.ManagedProcess``).
 
 Errors (all ``KeepcountError``)::
 
@@ -42,20 +45,19 @@ Errors (all ``KeepcountError``)::
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 from keepcount.errors import KeepcountError
 from keepcount.nodeproc import free_port
+from keepcount.process import ManagedProcess, ProcessExited
 
 __all__ = [
     "Backend",
@@ -66,8 +68,8 @@ __all__ = [
     "KINDS",
     "Listen",
     "LoadBalancer",
+    "ProcessBalancer",
     "find_binary",
-    "make_balancer",
     "parse_listen",
 ]
 
@@ -226,26 +228,6 @@ class LoadBalancer(Protocol):
     def stop(self, timeout: float = 10.0) -> None: ...
 
 
-def make_balancer(
-    kind: str,
-    directory: str | os.PathLike[str],
-    listen: Listen,
-    backends: Sequence[Backend],
-    **opts: Any,
-) -> LoadBalancer:
-    """An unstarted ``HAProxy`` or ``Nginx`` (``kind`` ``"haproxy"`` / ``"nginx"``);
-    ``opts`` go to its settings dataclass (unknown names raise ``TypeError``)."""
-    if kind == "haproxy":
-        from keepcount.cluster.haproxy import HAProxy
-
-        return HAProxy(directory, listen, backends, **opts)
-    if kind == "nginx":
-        from keepcount.cluster.nginx import Nginx
-
-        return Nginx(directory, listen, backends, **opts)
-    raise BalancerConfigError(f"unknown load balancer {kind!r}: expected one of {', '.join(KINDS)}")
-
-
 def tcp_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
     """True if something accepts a TCP connection on host:port right now."""
     try:
@@ -266,107 +248,88 @@ def run_check(argv: Sequence[str], what: str, config: Path) -> None:
         raise BalancerConfigError(f"{what} refused the generated config {config}:\n{said}")
 
 
-class BalancerProcess:
-    """The OS process of a balancer: launch, liveness, log tail, stop with escalation.
+class BalancerProcess(ManagedProcess):
+    """The OS process of a balancer: a ``ManagedProcess`` (``keepcount.process``)
+    in a session of its own, so that ``stop`` also kills what is left of it (a
+    SIGKILLed NGINX master leaves its workers serving the port).  An exit
+    while it is awaited ready is a ``BalancerError``."""
 
-    Launched in a session of its own, so that what is left of it can be found
-    and killed: a SIGKILLed NGINX master leaves its workers serving the port.
-    """
+    kind = ""
 
     def __init__(self, argv: Sequence[str], log: Path, what: str) -> None:
+        super().__init__(what, log, new_session=True)
         self.argv = list(argv)
-        self.log = log
-        self.what = what
-        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.spawn(self.argv)
+
+    def check_alive(self) -> None:
+        try:
+            super().check_alive()
+        except ProcessExited as exc:
+            raise BalancerError(str(exc)) from None
+
+
+class ProcessBalancer:
+    """What ``HAProxy`` and ``Nginx`` do alike: the front address and backends
+    (checked), the ``BalancerProcess``, readiness, stop, log, ``with``.
+
+    A subclass sets ``kind``, ``graceful_signal`` and ``log``, writes its
+    config and calls ``_launch(argv)`` in ``start()``, and says in
+    ``_answers()`` whether its status interface answers.
+    """
+
+    kind = "balancer"
+    graceful_signal: int = signal.SIGTERM
+    """What ``stop(graceful=True)`` sends first (SIGTERM otherwise)."""
+    log: Path
+
+    def __init__(self, directory: Path, listen: Listen, backends: Sequence[Backend]) -> None:
+        self.directory = directory
+        self.listen = parse_listen(listen)
+        self.backends = check_backends(backends)
+        self._proc: BalancerProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.listen[0]}:{self.listen[1]}"
 
     @property
     def pid(self) -> int:
-        if self.proc is None:
-            raise BalancerError(f"{self.what} was not started")
-        return self.proc.pid
+        if self._proc is None:
+            raise BalancerError(f"{self.kind} was not started")
+        return self._proc.pid
 
-    def start(self) -> None:
-        if self.running():
-            raise BalancerError(f"{self.what} is already running (pid {self.pid})")
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+    def _check_stopped(self) -> None:
+        if self._proc is not None and self._proc.running():
+            raise BalancerError(f"{self.kind} is already running (pid {self._proc.pid})")
 
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def _launch(self, argv: Sequence[str]) -> None:
+        self._proc = BalancerProcess(argv, self.log, self.kind)
+        self._proc.start()
 
-    def check_alive(self) -> None:
-        """``BalancerError`` with the log's tail if the process has exited."""
-        if self.proc is None:
-            raise BalancerError(f"{self.what} was not started")
-        code = self.proc.poll()
-        if code is not None:
-            raise BalancerError(f"{self.what} exited with {code}{self.log_tail()}")
+    def _answers(self) -> bool:
+        """Whether the status interface answers (the process is up)."""
+        raise NotImplementedError
 
-    def signal(self, sig: int) -> None:
-        if self.running():
-            os.kill(self.pid, sig)
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Until the front address accepts TCP and the status interface answers."""
+        if self._proc is None:
+            raise BalancerError(f"{self.kind} was not started")
+        self._proc.wait_until(lambda: tcp_accepts(*self.listen) and self._answers(), timeout)
 
-    def stop(self, first: int, timeout: float) -> None:
-        """Send ``first``; SIGKILL it if it is not gone by ``timeout``; reap it;
-        then SIGKILL whatever of its session is left (NGINX workers whose
-        master died).  Idempotent."""
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            os.kill(proc.pid, first)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        for pid in session_members(proc.pid, Path(self.argv[0]).name):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    def stop(self, timeout: float = 10.0, *, graceful: bool = False) -> None:
+        """SIGTERM (or ``graceful_signal`` if ``graceful``), SIGKILL after
+        ``timeout``; reaped, and what is left of its session killed."""
+        if self._proc is not None:
+            sig = self.graceful_signal if graceful else signal.SIGTERM
+            self._proc.stop(timeout, graceful=True, sig=sig)
 
     def log_tail(self, chars: int = 3000) -> str:
-        if not self.log.exists():
-            return ""
-        return f"\n--- {self.log} ---\n" + self.log.read_text(errors="replace")[-chars:]
+        return "" if self._proc is None else self._proc.log_tail(chars)
 
+    def __enter__(self) -> Self:
+        return self
 
-def session_members(sid: int, exe: str) -> list[int]:
-    """Processes of session ``sid`` running ``exe`` (by /proc): what is left of
-    a balancer we started in a session of its own."""
-    out: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            name = os.readlink(entry / "exe")
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        # Fields after the ")" closing the command name: state ppid pgrp session ...
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[3]) == sid and Path(name.removesuffix(" (deleted)")).name == exe:
-            out.append(int(entry.name))
-    return out
-
-
-def poll_until_ready(
-    proc: BalancerProcess, probe: Callable[[], bool], timeout: float, what: str
-) -> None:
-    """Call ``probe()`` until it returns True, while ``proc`` lives, for at
-    most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        proc.check_alive()
-        if probe():
-            return
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what} not ready within {timeout} s{proc.log_tail()}")
-        time.sleep(0.01)  # poll interval: the loop waits for the probe, not for time
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -30,10 +30,7 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import time
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from keepcount.cluster.processes import ServerProcess
@@ -137,46 +134,23 @@ class BigtableEmulator(ServerProcess):
             return True
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"the Bigtable emulator exited with {self.proc.returncode}\n{self.log_tail()}"
-                )
-            if self.answers(timeout=max(0.05, min(1.0, deadline - time.monotonic()))):
-                return
-            time.sleep(_POLL)
-        raise TimeoutError(
-            f"the Bigtable emulator on {self.host} did not answer within {timeout} s\n"
-            f"{self.log_tail()}"
-        )
+        """Until it answers a gRPC call; ``ProcessExited`` (a ``RuntimeError``)
+        if it exits, ``TimeoutError`` if time runs out."""
+        self.wait_until(lambda: self.answers(timeout=1.0), timeout, interval=_POLL)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(
+        self, timeout: float = 10.0, *, graceful: bool = True, sig: int | None = signal.SIGINT
+    ) -> int | None:
         """SIGINT (its clean shutdown), SIGKILL if it lingers; returns once reaped.
         Every table is gone afterwards (the emulator keeps data in memory only)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-                return
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()
+        return super().stop(timeout, graceful=graceful, sig=sig)
 
     def logs(self, chars: int = 3000) -> str:
         state = "running" if self.running() else "down"
-        return f"--- Bigtable emulator ({self.host}, {state}) ---\n{self.log_tail(chars)}"
+        return f"--- Bigtable emulator ({self.host}, {state}) ---\n{self.log_text(chars)}"
 
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.kill()

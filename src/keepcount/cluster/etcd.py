@@ -24,18 +24,19 @@ Not thread-safe: one owner (a test fixture, the cluster CLI) drives it.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
-import signal
-import time
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
-from keepcount.cluster.processes import ServerProcess, check_ports_free, saved_identity
-from keepcount.nodeproc import free_port
+from keepcount.cluster.processes import (
+    ServerGroup,
+    ServerProcess,
+    check_ports_free,
+    saved_identity,
+)
+from keepcount.nodeproc import free_port, http_request
 
 __all__ = ["INSTALL_HINT", "EtcdCluster", "EtcdMember", "etcd_binary"]
 
@@ -50,8 +51,6 @@ INSTALL_HINT = "apt-get install -y etcd-server etcd-client"
 # 1-2 s TTLs are granted as asked.
 HEARTBEAT_MS = 50
 ELECTION_MS = 500
-
-_POLL = 0.02  # poll interval inside deadline loops, not a synchronisation sleep
 
 
 def etcd_binary() -> str:
@@ -89,6 +88,10 @@ class EtcdMember(ServerProcess):
     def endpoint(self) -> str:
         return f"{self.host}:{self.client_port}"
 
+    @property
+    def address(self) -> str:
+        return self.endpoint
+
     def start(self, initial_cluster: str, token: str, state: str) -> None:
         argv = [
             etcd_binary(),
@@ -123,15 +126,14 @@ class EtcdMember(ServerProcess):
         self, method: str, path: str, body: bytes | None, timeout: float
     ) -> dict[str, object] | None:
         """One request to the client port; the JSON object answered, or None."""
-        conn = http.client.HTTPConnection(self.host, self.client_port, timeout=timeout)
         try:
-            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            doc = json.loads(resp.read())
-        except (OSError, ValueError, http.client.HTTPException):
+            _, answer = http_request(
+                method, self.host, self.client_port, path, body, timeout,
+                headers={"Content-Type": "application/json"},
+            )  # fmt: skip
+            doc = json.loads(answer)
+        except (OSError, ValueError):
             return None
-        finally:
-            conn.close()
         return doc if isinstance(doc, dict) else None
 
     def is_leader(self) -> bool:
@@ -144,13 +146,17 @@ class EtcdMember(ServerProcess):
         return str(header.get("member_id")) == str(status.get("leader"))
 
 
-class EtcdCluster:
+class EtcdCluster(ServerGroup[EtcdMember]):
     """An etcd cluster of ``members`` processes on ``host``; see the module docstring.
 
     ``ports`` gives (client, peer) per member; by default the kernel picks
     free ones.  The URL lists every client endpoint so coordinators fail over
-    between members.
+    between members.  ``kill``, ``pause``, ``resume``, ``stop``, ``logs``:
+    ``ServerGroup`` (``resume`` returns once the member runs, not once it is
+    healthy: with others paused it may have no quorum; see ``wait_healthy``).
     """
+
+    label = "etcd"
 
     def __init__(
         self,
@@ -219,7 +225,7 @@ class EtcdCluster:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def start(self, timeout: float = 30.0) -> EtcdCluster:
+    def start(self, timeout: float = 30.0) -> Self:
         """Start every member and return once all are healthy."""
         etcd_binary()
         state = "existing" if self.started else "new"
@@ -233,64 +239,16 @@ class EtcdCluster:
     def wait_healthy(self, which: range | list[int] | None = None, timeout: float = 30.0) -> None:
         """Return once the given members (default: all running ones) answer
         ``/health`` true; raise ``TimeoutError`` with their logs otherwise."""
-        indices = list(which) if which is not None else self.running()
-        deadline = time.monotonic() + timeout
-        pending = set(indices)
-        while pending and time.monotonic() < deadline:
-            for i in sorted(pending):
-                m = self.members[i]
-                if m.proc is not None and m.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"etcd member {m.name} exited with {m.proc.returncode}\n{self.logs()}"
-                    )
-                if m.health(timeout=max(0.05, min(0.5, deadline - time.monotonic()))):
-                    pending.discard(i)
-            if pending:
-                time.sleep(_POLL)
-        if pending:
-            names = [self.members[i].name for i in sorted(pending)]
-            raise TimeoutError(
-                f"etcd members {names} not healthy within {timeout} s\n{self.logs()}"
-            )
+        self.wait_members(which, lambda m: m.health(timeout=0.5), timeout, "healthy")
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Every running member healthy (the name the cluster tooling uses for
         all servers)."""
         self.wait_healthy(None, timeout)
 
-    def running(self) -> list[int]:
-        return [i for i, m in enumerate(self.members) if m.running()]
-
     def leader(self, timeout: float = 10.0) -> int:
         """Index of the current leader (waits for one to be elected)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for i in self.running():
-                if self.members[i].is_leader():
-                    return i
-            time.sleep(_POLL)
-        raise TimeoutError(f"no etcd leader within {timeout} s\n{self.logs()}")
-
-    def kill(self, i: int) -> None:
-        """SIGKILL member ``i`` and reap it."""
-        self.members[i].kill()
-
-    def pause(self, i: int) -> None:
-        """SIGSTOP member ``i``; returns once it is stopped."""
-        self.members[i].pause()
-
-    def resume(self, i: int) -> None:
-        """SIGCONT member ``i``; returns once it runs again (not once healthy:
-        with others paused it may have no quorum; see ``wait_healthy``)."""
-        self.members[i].resume()
-
-    def pause_all(self) -> None:
-        for i in self.running():
-            self.pause(i)
-
-    def resume_all(self) -> None:
-        for i in self.running():
-            self.resume(i)
+        return self.find(EtcdMember.is_leader, timeout, "etcd leader")
 
     def restart(self, i: int, timeout: float = 30.0) -> None:
         """Kill member ``i`` if it runs, start it again on the same data dir
@@ -299,32 +257,3 @@ class EtcdCluster:
         m.kill()
         m.start(self.initial_cluster, self.token, "existing")
         self.wait_healthy([i], timeout)
-
-    def stop(self) -> None:
-        """SIGKILL every member and reap them all; idempotent."""
-        for m in self.members:
-            if m.proc is not None and m.proc.poll() is None:
-                m.proc.send_signal(signal.SIGCONT)
-                m.proc.kill()
-        for m in self.members:
-            if m.proc is not None:
-                m.proc.wait(10)
-
-    def logs(self, chars: int = 3000) -> str:
-        """The tail of every member's log, labelled (for assertion messages)."""
-        parts = []
-        for m in self.members:
-            state = "running" if m.running() else "down"
-            parts.append(f"--- etcd {m.name} ({m.endpoint}, {state}) ---\n{m.log_tail(chars)}")
-        return "\n".join(parts)
-
-    def __enter__(self) -> EtcdCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -16,10 +16,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from keepcount.cluster.launcher import Incarnation, NodeState
 from keepcount.cluster.spec import slot_name
+from keepcount.process import apoll_until
 
 if TYPE_CHECKING:
-    from keepcount.cluster.supervisor import Incarnation, NodeState, Supervisor
+    from keepcount.cluster.supervisor import Supervisor
 
 __all__ = ["Fault", "FaultError", "kill", "partition", "pause", "until"]
 
@@ -57,13 +59,17 @@ async def until(
     """Await ``cond()``; the seconds it took.  Raises ``FaultError`` on time out
     or when the supervisor's task ended."""
     started = time.monotonic()
-    while not cond():
+
+    def done() -> bool:
         if sup_task is not None and sup_task.done():
             sup_task.result()
             raise FaultError(f"{what}: the supervisor stopped")
-        if time.monotonic() - started > timeout:
-            raise FaultError(f"{what} within {timeout:g} s")
-        await asyncio.sleep(0.01)
+        return bool(cond())
+
+    try:
+        await apoll_until(done, timeout, what, interval=0.01)
+    except TimeoutError:
+        raise FaultError(f"{what} within {timeout:g} s") from None
     return time.monotonic() - started
 
 
@@ -139,6 +145,9 @@ async def partition(
     wait for the old process to find its claim lost and stop by itself."""
     from keepcount.cluster.partition import endpoints_of
 
+    parts = sup.partitions
+    if parts is None:
+        raise FaultError("the supervisor was started without partitions (Supervisor.partitions)")
     fault = Fault("partition", node)
     ns = sup.nodes[node]
     old = ns.current
@@ -146,7 +155,7 @@ async def partition(
         raise FaultError(f"{node} has no process to partition")
     before, slot = ns.incarnations, slot_name(node, old.slot)
     fault.t0, t0 = time.time(), time.monotonic()
-    sup.partitions.cut(
+    parts.cut(
         slot, mode, coordinator=endpoints_of(sup.coordinator_url),
         store=endpoints_of(sup.store_url), port=ns.spec.ports[old.slot],
     )  # fmt: skip
@@ -160,7 +169,7 @@ async def partition(
             await until(_back(ns, before), sup_task, RECOVER_TIMEOUT, f"{node} was not replaced")
             fault.ready = round(time.monotonic() - t0, 3)
     finally:
-        sup.partitions.heal()
+        parts.heal()
     fault.end = time.time()
     if mode != "store":
         with contextlib.suppress(FaultError):
@@ -180,13 +189,13 @@ async def _lb_down(sup: Supervisor, slot: str | None, t0: float) -> float | None
     says it took the server out); None if it did not say so in time."""
     if slot is None:
         return None
-    deadline = t0 + 15
-    while time.monotonic() < deadline:
-        try:
-            state = (await asyncio.to_thread(sup.balancer.backend_states)).get(slot, "")
-        except Exception:  # a balancer that cannot tell
-            return None
-        if not str(state).upper().startswith("UP"):
-            return round(time.monotonic() - t0, 3)
-        await asyncio.sleep(0.01)
-    return None
+
+    async def down() -> bool:
+        state = (await asyncio.to_thread(sup.balancer.backend_states)).get(slot, "")
+        return not str(state).upper().startswith("UP")
+
+    try:
+        await apoll_until(down, max(0.0, t0 + 15 - time.monotonic()), f"{slot} DOWN")
+    except Exception:  # not in time, or a balancer that cannot tell
+        return None
+    return round(time.monotonic() - t0, 3)

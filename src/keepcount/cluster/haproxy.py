@@ -43,14 +43,10 @@ from typing import Literal
 from keepcount.cluster.balancer import (
     Backend,
     BalancerError,
-    BalancerProcess,
     Listen,
-    check_backends,
+    ProcessBalancer,
     find_binary,
-    parse_listen,
-    poll_until_ready,
     run_check,
-    tcp_accepts,
 )
 
 __all__ = ["BACKEND", "HAProxy", "HAProxySettings", "render_config"]
@@ -205,7 +201,7 @@ backend {BACKEND}
 """
 
 
-class HAProxy:
+class HAProxy(ProcessBalancer):
     """An HAProxy process in front of ``backends`` (see the module docstring).
 
     Invariants: the config on disk is the one the running process was
@@ -214,6 +210,7 @@ class HAProxy:
     """
 
     kind = "haproxy"
+    graceful_signal = signal.SIGUSR1
 
     def __init__(
         self,
@@ -222,9 +219,7 @@ class HAProxy:
         backends: Sequence[Backend],
         **settings: object,
     ) -> None:
-        self.directory = Path(directory)
-        self.listen = parse_listen(listen)
-        self.backends = check_backends(backends)
+        super().__init__(Path(directory), listen, backends)
         self.settings = HAProxySettings(**settings)  # type: ignore[arg-type]
         self.config = self.directory / "haproxy.cfg"
         self.log = self.directory / "haproxy.log"
@@ -234,24 +229,12 @@ class HAProxy:
             # A deep test directory: put the socket in a short private dir instead.
             self._socket_dir = Path(tempfile.mkdtemp(prefix="kc-haproxy-"))
             self.socket = self._socket_dir / "haproxy.sock"
-        self._proc: BalancerProcess | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.listen[0]}:{self.listen[1]}"
-
-    @property
-    def pid(self) -> int:
-        if self._proc is None:
-            raise BalancerError("haproxy was not started")
-        return self._proc.pid
 
     def render(self) -> str:
         return render_config(self.listen, self.backends, self.socket, self.settings)
 
     def start(self) -> HAProxy:
-        if self._proc is not None and self._proc.running():
-            raise BalancerError(f"haproxy is already running (pid {self._proc.pid})")
+        self._check_stopped()
         binary = find_binary("haproxy", "haproxy", self.settings.binary)
         self.directory.mkdir(parents=True, exist_ok=True)
         if self._socket_dir is not None:
@@ -259,24 +242,15 @@ class HAProxy:
         self.config.write_text(self.render())
         run_check([binary, "-c", "-f", str(self.config)], "haproxy -c", self.config)
         self.socket.unlink(missing_ok=True)
-        self._proc = BalancerProcess([binary, "-f", str(self.config), "-db"], self.log, "haproxy")
-        self._proc.start()
+        self._launch([binary, "-f", str(self.config), "-db"])
         return self
 
-    def wait_ready(self, timeout: float = 10.0) -> None:
-        """Until the frontend accepts TCP and the stats socket answers."""
-        if self._proc is None:
-            raise BalancerError("haproxy was not started")
-
-        def probe() -> bool:
-            if not tcp_accepts(*self.listen):
-                return False
-            try:
-                return bool(self.command("show info"))
-            except OSError:
-                return False
-
-        poll_until_ready(self._proc, probe, timeout, "haproxy")
+    def _answers(self) -> bool:
+        """The stats socket answers."""
+        try:
+            return bool(self.command("show info"))
+        except OSError:
+            return False
 
     # -- runtime API -----------------------------------------------------------
 
@@ -336,16 +310,6 @@ class HAProxy:
 
     def stop(self, timeout: float = 10.0, *, graceful: bool = False) -> None:
         """SIGTERM (or SIGUSR1 if ``graceful``), SIGKILL after ``timeout``; reaped."""
-        if self._proc is not None:
-            self._proc.stop(signal.SIGUSR1 if graceful else signal.SIGTERM, timeout)
+        super().stop(timeout, graceful=graceful)
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return "" if self._proc is None else self._proc.log_tail(chars)
-
-    def __enter__(self) -> HAProxy:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

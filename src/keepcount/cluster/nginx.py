@@ -38,12 +38,11 @@ Contract (``keepcount.cluster.balancer`` has the part both balancers share):
   ``stub_status``, served on a second 127.0.0.1 port.
 - ``stop()`` sends SIGTERM (fast shutdown), ``stop(graceful=True)`` SIGQUIT
   (finish requests in flight); SIGKILL to the master and its workers after
-  the deadline.
+  the deadline (``ProcessBalancer.stop``).
 """
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
 import signal
@@ -55,16 +54,12 @@ from pathlib import Path
 from keepcount.cluster.balancer import (
     Backend,
     BalancerError,
-    BalancerProcess,
     Listen,
-    check_backends,
+    ProcessBalancer,
     find_binary,
-    parse_listen,
-    poll_until_ready,
     run_check,
-    tcp_accepts,
 )
-from keepcount.nodeproc import free_port
+from keepcount.nodeproc import free_port, http_get
 
 __all__ = ["UPSTREAM", "Nginx", "NginxSettings", "render_config"]
 
@@ -241,7 +236,7 @@ http {{
 """
 
 
-class Nginx:
+class Nginx(ProcessBalancer):
     """An NGINX process in front of ``backends`` (see the module docstring).
 
     Invariants: the directory is NGINX's prefix; ``url`` and ``status_url``
@@ -249,6 +244,7 @@ class Nginx:
     """
 
     kind = "nginx"
+    graceful_signal = signal.SIGQUIT
 
     def __init__(
         self,
@@ -257,32 +253,19 @@ class Nginx:
         backends: Sequence[Backend],
         **settings: object,
     ) -> None:
-        self.directory = Path(directory).absolute()
-        self.listen = parse_listen(listen)
-        self.backends = check_backends(backends)
+        super().__init__(Path(directory).absolute(), listen, backends)
         self.settings = NginxSettings(**settings)  # type: ignore[arg-type]
         self.status_port = self.settings.status_port or free_port()
         self.config = self.directory / "conf" / "nginx.conf"
         self.log = self.directory / "logs" / "error.log"
         self.access_log = self.directory / "logs" / "access.log"
-        self._proc: BalancerProcess | None = None
         self._by_address = {b.address: b.name for b in self.backends}
         self._log_offset = 0
         self._disabled: dict[str, float] = {}  # backend name -> last "temporarily disabled"
 
     @property
-    def url(self) -> str:
-        return f"http://{self.listen[0]}:{self.listen[1]}"
-
-    @property
     def status_url(self) -> str:
         return f"http://127.0.0.1:{self.status_port}/status"
-
-    @property
-    def pid(self) -> int:
-        if self._proc is None:
-            raise BalancerError("nginx was not started")
-        return self._proc.pid
 
     def render(self) -> str:
         return render_config(
@@ -298,8 +281,7 @@ class Nginx:
                 "-g", "daemon off;", *extra]  # fmt: skip
 
     def start(self) -> Nginx:
-        if self._proc is not None and self._proc.running():
-            raise BalancerError(f"nginx is already running (pid {self._proc.pid})")
+        self._check_stopped()
         binary = find_binary("nginx", "nginx", self.settings.binary)
         for sub in ("conf", "logs", "temp"):
             (self.directory / sub).mkdir(parents=True, exist_ok=True)
@@ -307,39 +289,25 @@ class Nginx:
         run_check(self._argv(binary, "-t", "-q"), "nginx -t", self.config)
         self._log_offset = self.log.stat().st_size if self.log.exists() else 0
         self._disabled.clear()
-        self._proc = BalancerProcess(self._argv(binary), self.log, "nginx")
-        self._proc.start()
+        self._launch(self._argv(binary))
         return self
 
-    def wait_ready(self, timeout: float = 10.0) -> None:
-        """Until the front port accepts TCP and ``stub_status`` answers."""
-        if self._proc is None:
-            raise BalancerError("nginx was not started")
-
-        def probe() -> bool:
-            if not tcp_accepts(*self.listen):
-                return False
-            try:
-                self.status()
-            except (OSError, BalancerError):
-                return False
-            return True
-
-        poll_until_ready(self._proc, probe, timeout, "nginx")
+    def _answers(self) -> bool:
+        """``stub_status`` answers."""
+        try:
+            self.status()
+        except (OSError, BalancerError):
+            return False
+        return True
 
     def status(self) -> dict[str, int]:
         """``stub_status`` as numbers: active, accepts, handled, requests,
         reading, writing, waiting."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.status_port, timeout=2)
-        try:
-            conn.request("GET", "/status")
-            resp = conn.getresponse()
-            text = resp.read().decode(errors="replace")
-        finally:
-            conn.close()
+        status, body = http_get("127.0.0.1", self.status_port, "/status", timeout=2)
+        text = body.decode(errors="replace")
         m = _STUB.search(text)
-        if resp.status != 200 or m is None:
-            raise BalancerError(f"unexpected stub_status answer {resp.status}: {text[:200]!r}")
+        if status != 200 or m is None:
+            raise BalancerError(f"unexpected stub_status answer {status}: {text[:200]!r}")
         keys = ("active", "accepts", "handled", "requests", "reading", "writing", "waiting")
         return dict(zip(keys, (int(g) for g in m.groups()), strict=True))
 
@@ -373,18 +341,3 @@ class Nginx:
             if name is not None:
                 when = time.mktime(time.strptime(m.group(1), "%Y/%m/%d %H:%M:%S"))
                 self._disabled[name] = max(when, self._disabled.get(name, when))
-
-    def stop(self, timeout: float = 10.0, *, graceful: bool = False) -> None:
-        """SIGTERM (or SIGQUIT if ``graceful``), SIGKILL after ``timeout``;
-        master and workers reaped or killed."""
-        if self._proc is not None:
-            self._proc.stop(signal.SIGQUIT if graceful else signal.SIGTERM, timeout)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return "" if self._proc is None else self._proc.log_tail(chars)
-
-    def __enter__(self) -> Nginx:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -27,15 +27,45 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from keepcount.cluster.balancer import KINDS
 from keepcount.errors import InvalidInput
 from keepcount.nodeproc import free_port
 
-__all__ = ["BALANCERS", "COORDINATORS", "ClusterSpec", "NodeSpec", "SPEC_FILE", "slot_name"]
+__all__ = [
+    "BALANCERS",
+    "CLAIM_TTL_RANGE",
+    "COORDINATORS",
+    "DEFAULT_CLAIM_TTL",
+    "DEFAULT_COORDINATOR",
+    "DEFAULT_HOST",
+    "DEFAULT_LB",
+    "DEFAULT_NODES",
+    "DEFAULT_PORT",
+    "MAX_NODES",
+    "SPEC_FILE",
+    "ClusterSpec",
+    "NodeSpec",
+    "slot_name",
+]
 
 SPEC_FILE = "cluster.json"
-BALANCERS = ("haproxy", "nginx")
+BALANCERS = KINDS
 COORDINATORS = ("etcd", "zookeeper")
 SLOTS = ("a", "b")
+
+# The defaults of a cluster, here only: ``ClusterSpec``, ``ClusterSpec.allocate``,
+# ``ClusterSpec.load`` (a spec saved without a field) and the options of
+# ``keepcount cluster up`` read them.
+DEFAULT_NODES = 3
+MAX_NODES = 32
+DEFAULT_LB = "haproxy"
+DEFAULT_COORDINATOR = "etcd"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8100
+"""``keepcount cluster up``'s load balancer port (the nodes' and the API's follow it)."""
+DEFAULT_CLAIM_TTL = 3.0
+CLAIM_TTL_RANGE = (1.0, 60.0)
+"""Seconds ``keepcount cluster up --claim-ttl`` accepts."""
 
 Balancer = Literal["haproxy", "nginx"]
 CoordinatorKind = Literal["etcd", "zookeeper"]
@@ -66,8 +96,8 @@ class ClusterSpec:
     emulator: in memory only)."""
     api_port: int
     """The supervisor's control API (and, later, its /ui page)."""
-    host: str = "127.0.0.1"
-    claim_ttl: float = 3.0
+    host: str = DEFAULT_HOST
+    claim_ttl: float = DEFAULT_CLAIM_TTL
     extra: dict[str, Any] = field(default_factory=dict)
     """Options for the tooling: ``node_args`` (extra ``keepcount node`` arguments)."""
 
@@ -91,19 +121,19 @@ class ClusterSpec:
         cls,
         directory: Path,
         *,
-        nodes: int = 3,
-        lb: str = "haproxy",
-        coordinator: str = "etcd",
+        nodes: int = DEFAULT_NODES,
+        lb: str = DEFAULT_LB,
+        coordinator: str = DEFAULT_COORDINATOR,
         store: str | None = None,
         port: int | None = None,
-        claim_ttl: float = 3.0,
+        claim_ttl: float = DEFAULT_CLAIM_TTL,
         extra: dict[str, Any] | None = None,
     ) -> ClusterSpec:
         """Node ids ``node-1..node-N``; with ``port`` the LB listens on it and
         the nodes' slots take the ports after it (``port+1``, ...), the API
         the next one; without, every port is a free one the kernel picks."""
-        if not 1 <= nodes <= 32:
-            raise InvalidInput(f"--nodes must be 1 to 32, not {nodes}")
+        if not 1 <= nodes <= MAX_NODES:
+            raise InvalidInput(f"--nodes must be 1 to {MAX_NODES}, not {nodes}")
         if lb not in BALANCERS:
             raise InvalidInput(f"unknown load balancer {lb!r}: choose one of {BALANCERS}")
         if coordinator not in COORDINATORS:
@@ -166,7 +196,7 @@ class ClusterSpec:
             coordinator=doc["coordinator"],
             store=doc["store"],
             api_port=doc["api_port"],
-            host=doc.get("host", "127.0.0.1"),
-            claim_ttl=doc.get("claim_ttl", 3.0),
+            host=doc.get("host", DEFAULT_HOST),
+            claim_ttl=doc.get("claim_ttl", DEFAULT_CLAIM_TTL),
             extra=doc.get("extra", {}),
         )

@@ -1,36 +1,24 @@
-"""The supervisor of a local cluster: its servers, its nodes, the failure detector.
+"""The supervisor of a local cluster: its servers, its nodes, its fault verbs.
 
 One asyncio program (``keepcount cluster supervise``, started in the
 background by ``keepcount cluster up``; ``keepcount demo`` runs one in
 process) that:
 
-1. starts the coordinator (etcd as 3 members, or ZooKeeper standalone) and
-   the load balancer (HAProxy or NGINX, listing both slots of every node),
-   all on 127.0.0.1 with data and logs under the cluster directory;
+1. starts the store's servers if the spec asks for local ones (Cassandra,
+   the Bigtable emulator), the coordinator (etcd as 3 members, or ZooKeeper
+   standalone) and the load balancer (HAProxy or NGINX, listing both slots
+   of every node), all on 127.0.0.1 with data and logs under the cluster
+   directory;
 2. starts one ``keepcount node`` process per node id, with
-   ``--coordinator`` so each claims its id with a lease and a fencing epoch;
-3. runs the **failure detector**, every ``TICK`` seconds:
-
-   - a node process that exited (killed, crashed, or stopped after losing
-     its claim) is reaped; if the coordinator still lists that very process
-     as the holder (a killed node's lease outlives it by up to its TTL), its
-     claim is evicted at once — safe, because the process is known dead —
-     and a new incarnation starts after a backoff (0 s for the first restart
-     in a row, growing to ``BACKOFF[-1]``; reset after ``STABLE_AFTER``
-     seconds of running).  It claims, restores, then turns ready;
-   - a node process that is alive but whose claim the coordinator no longer
-     lists (paused with SIGSTOP past its TTL, or cut off) is left alone —
-     it can no longer acknowledge anything, and stops by itself if it ever
-     runs again — and a new incarnation starts on the node's *other* slot
-     (its port is still held by the old process);
-   - each current incarnation's ``/readyz`` is probed every ``PROBE_EVERY``
-     seconds, for ``status`` and the events log;
-
-4. serves a small control API on ``spec.api_port`` (status, signal a node,
-   restart a node, tear everything down) for the CLI.
+   ``--coordinator`` so each claims its id with a lease and a fencing epoch
+   (``keepcount.cluster.launcher``: incarnations, slots, restart backoff);
+3. runs the **failure detector** (``keepcount.cluster.detector``): exits
+   awaited, claims watched, ``/readyz`` probed, failed nodes restarted;
+4. serves a small control API on ``spec.api_port`` (``keepcount.cluster.api``:
+   status, signal a node, restart a node, tear everything down) for the CLI.
 
 Every event (started, ready, exited, claim lost, evicted, ...) is appended to
-``<dir>/events.jsonl`` with wall and monotonic times: the demo's report and
+``<dir>/events.jsonl`` (``keepcount.cluster.events``): the demo's report and
 the failover measurements are read from it.
 
 How production would run the same parts: see the README ("Running a cluster
@@ -42,7 +30,6 @@ the claim and fencing logic lives in the node, not here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -50,39 +37,44 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+import httpx
 
-from keepcount.cluster.processes import process_state
-from keepcount.cluster.spec import ClusterSpec, NodeSpec, slot_name
-from keepcount.errors import InvalidInput, KeepcountError
-from keepcount.nodeproc import NodeProcess
+from keepcount.cluster.balancer import Backend, LoadBalancer
+from keepcount.cluster.bigtable import BigtableEmulator
+from keepcount.cluster.cassandra import CassandraCluster
+from keepcount.cluster.detector import FailureDetector
+from keepcount.cluster.etcd import EtcdCluster
+from keepcount.cluster.events import EVENTS_FILE, Event, EventLog, read_events
+from keepcount.cluster.launcher import BACKOFF, Incarnation, Launcher, NodeState
+from keepcount.cluster.partition import Partitions
+from keepcount.cluster.spec import ClusterSpec, slot_name
+from keepcount.cluster.zookeeper import ZooKeeperServer
+from keepcount.coordination.base import Coordinator, Member, Watch
+from keepcount.errors import InvalidInput
+from keepcount.process import apoll_until, process_state
 
-__all__ = ["BACKOFF", "Incarnation", "NodeState", "Supervisor", "process_state"]
+__all__ = [
+    "BACKOFF",
+    "EVENTS_FILE",
+    "Incarnation",
+    "NodeState",
+    "Supervisor",
+    "process_state",
+    "read_events",
+]
 
 log = logging.getLogger("keepcount.cluster")
 
-TICK = 0.02
-"""Seconds between two passes of the failure detector (process exits are
-seen through ``poll()``: cheap)."""
-PROBE_EVERY = 0.1
-"""Seconds between two ``/readyz`` probes of a node."""
-PROBE_TIMEOUT = 0.5
-BACKOFF = (0.0, 0.25, 0.5, 1.0, 2.0, 5.0)
-"""Delay before the n-th restart in a row of a node that keeps failing."""
-STABLE_AFTER = 10.0
-"""A node that ran this long has its restart backoff reset."""
-ABSENT_GRACE = 0.3
-"""Seconds a claimed, live node may be missing from the coordinator's
-membership before it is replaced (covers a watch event racing a renewal)."""
 STOP_GRACE = 15.0
 """Seconds a node gets to stop after SIGTERM before it is killed."""
-EVENTS_FILE = "events.jsonl"
 SIGNALS = {"KILL": signal.SIGKILL, "STOP": signal.SIGSTOP, "CONT": signal.SIGCONT,
            "TERM": signal.SIGTERM}  # fmt: skip
+
+CoordinatorServers = EtcdCluster | ZooKeeperServer
+StoreServers = CassandraCluster | BigtableEmulator
 
 
 def holds_write_lock(pid: int, paths: list[Path]) -> bool:
@@ -110,56 +102,6 @@ def holds_write_lock(pid: int, paths: list[Path]) -> bool:
     return False
 
 
-@dataclass(eq=False)
-class Incarnation:
-    """One process running a node id."""
-
-    node: str
-    number: int
-    slot: int
-    process: NodeProcess
-    started: float = field(default_factory=time.time)
-    started_mono: float = field(default_factory=time.monotonic)
-    epoch: int | None = None
-    claimed: bool = False
-    """The coordinator listed this very process as the holder at least once."""
-    absent_since: float | None = None
-    ready: bool = False
-    ready_at: float | None = None
-    readyz: dict[str, Any] = field(default_factory=dict)
-    probe: str = "starting"
-    """starting (not listening yet) | restoring (503) | ready | unresponsive"""
-    exit_code: int | None = None
-    stale: bool = False
-    """Replaced while still alive (lost its claim): never restarted."""
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def state(self) -> str:
-        if self.exit_code is not None:
-            return "down"
-        if process_state(self.pid) == "T":
-            return "paused"
-        if self.stale:
-            return "fenced"
-        return self.probe
-
-
-@dataclass(eq=False)
-class NodeState:
-    spec: NodeSpec
-    current: Incarnation | None = None
-    stale: list[Incarnation] = field(default_factory=list)
-    incarnations: int = 0
-    restarts: int = 0
-    failures: int = 0
-    """Restarts in a row without a stable run (sets the backoff)."""
-    next_start: float | None = 0.0
-    """Monotonic time the next incarnation may start; None while one runs."""
-
-
 class Supervisor:
     """See the module docstring.  ``await run()`` until ``stop()``.
 
@@ -175,54 +117,84 @@ class Supervisor:
         self,
         spec: ClusterSpec,
         *,
-        on_event: Callable[[dict[str, Any]], None] | None = None,
+        on_event: Callable[[Event], None] | None = None,
         api: bool = True,
     ) -> None:
         self.spec = spec
-        self.on_event = on_event
+        self.event_log = EventLog(spec.directory / EVENTS_FILE, on_event)
         self.nodes = {n.id: NodeState(n) for n in spec.nodes}
-        self.events: deque[dict[str, Any]] = deque(maxlen=2000)
-        self.event_count = 0
-        self.members: dict[str, Any] = {}
-        """The coordinator's membership as last seen by its watch."""
-        self.members_at: float | None = None
-        self.coordinator_url = ""
-        self.store_url = spec.store
-        """The store the nodes use: ``spec.store``, or the URL of the local
-        Cassandra cluster when the spec asks for one (``store = "cassandra"``)."""
-        self.store_servers: Any = None
-        """That local Cassandra cluster (``CassandraCluster``): fault verbs."""
-        self.partitions: Any = None
-        """``keepcount.cluster.partition.Partitions``, if set before ``run()``:
-        every node process is put in its slot's cgroup at spawn, so that a
-        nemesis can cut it off the network."""
-        self.started = time.time()
+        self.launcher = Launcher(spec, self.event_log)
         self.ready = asyncio.Event()
         """Set once every node was ready at least once after start-up."""
+        self.detector = FailureDetector(self.nodes, self.launcher, self.event_log, self.ready)
+        self.store_servers: StoreServers | None = None
+        """The local store servers the spec asks for (``store = "cassandra"`` /
+        ``"bigtable"``), for fault verbs; None for a store URL."""
+        self.started = time.time()
         self.failed: str | None = None
         self._api = api
         self._stopping = False
         self._stopped = asyncio.Event()
-        self._servers: Any = None
-        self._balancer: Any = None
-        self._coordinator: Any = None
-        self._watch: Any = None
-        self._session: aiohttp.ClientSession | None = None
+        self._servers: CoordinatorServers | None = None
+        self._balancer: LoadBalancer | None = None
+        self._coordinator: Coordinator | None = None
+        self._watch: Watch | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._events_file = spec.directory / EVENTS_FILE
 
-    # -- events ----------------------------------------------------------------
+    # -- what the API, the faults and the tests read ------------------------------
 
-    def event(self, what: str, node: str | None = None, **data: Any) -> dict[str, Any]:
-        ev = {"t": time.time(), "mono": time.monotonic(), "event": what, "node": node, **data}
-        self.event_count += 1
-        ev["seq"] = self.event_count
-        self.events.append(ev)
-        with open(self._events_file, "a") as f:
-            f.write(json.dumps(ev) + "\n")
-        if self.on_event is not None:
-            self.on_event(ev)
-        return ev
+    @property
+    def events(self) -> deque[Event]:
+        """The latest events (``keepcount.cluster.events.EventLog``)."""
+        return self.event_log.events
+
+    @property
+    def event_count(self) -> int:
+        return self.event_log.count
+
+    def event(self, what: str, node: str | None = None, **data: Any) -> Event:
+        """Record an event (see ``keepcount.cluster.events``)."""
+        return self.event_log.append(what, node, **data)
+
+    @property
+    def members(self) -> dict[str, Member]:
+        """The coordinator's membership as last seen by its watch."""
+        return self.detector.members
+
+    @property
+    def store_url(self) -> str:
+        """The store the nodes use: ``spec.store``, or the URL of the local
+        servers when the spec asks for them (``cassandra``, ``bigtable``)."""
+        return self.launcher.store_url
+
+    @property
+    def coordinator_url(self) -> str:
+        return self.launcher.coordinator_url
+
+    @property
+    def partitions(self) -> Partitions | None:
+        """``keepcount.cluster.partition.Partitions``, if set before ``run()``:
+        every node process is put in its slot's cgroup at spawn, so that a
+        nemesis can cut it off the network."""
+        return self.launcher.partitions
+
+    @partitions.setter
+    def partitions(self, value: Partitions | None) -> None:
+        self.launcher.partitions = value
+
+    @property
+    def balancer(self) -> LoadBalancer:
+        """The load balancer (once started)."""
+        if self._balancer is None:
+            raise RuntimeError("the load balancer is not started")
+        return self._balancer
+
+    @property
+    def servers(self) -> CoordinatorServers:
+        """The coordinator's servers (``EtcdCluster`` / ``ZooKeeperServer``): fault verbs."""
+        if self._servers is None:
+            raise RuntimeError("the coordinator is not started")
+        return self._servers
 
     # -- running -----------------------------------------------------------------
 
@@ -231,36 +203,34 @@ class Supervisor:
         self._loop = asyncio.get_running_loop()
         spec = self.spec
         (spec.directory / "nodes").mkdir(parents=True, exist_ok=True)
-        self._events_file.write_text("")
+        self.event_log.reset()
         self.event("cluster_starting", lb=spec.lb, coordinator=spec.coordinator, store=spec.store)
         api_task: asyncio.Task[None] | None = None
         try:
             await asyncio.to_thread(self._start_store)
             await asyncio.to_thread(self._start_coordinator)
-            await asyncio.to_thread(self._start_balancer)
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
-            )
+            balancer = await asyncio.to_thread(self._start_balancer)
             if self._api:
                 from keepcount.cluster.api import serve_api
 
                 api_task = asyncio.create_task(serve_api(self), name="keepcount-cluster-api")
-            detector = asyncio.create_task(self._detect(), name="keepcount-detector")
-            probes = [
-                asyncio.create_task(self._probe(n), name=f"keepcount-probe-{n.spec.id}")
-                for n in self.nodes.values()
-            ]
-            await self._stopped.wait()
-            for task in (detector, *probes):
+            detector = asyncio.create_task(self.detector.run(balancer), name="keepcount-detector")
+            stopped = asyncio.create_task(self._stopped.wait())
+            await asyncio.wait([detector, stopped], return_when=asyncio.FIRST_COMPLETED)
+            self.detector.stopping = True
+            for task in (detector, stopped):
                 task.cancel()
-            await asyncio.gather(detector, *probes, return_exceptions=True)
+            await asyncio.gather(detector, stopped, return_exceptions=True)
+            failure = None if detector.cancelled() else detector.exception()
+            if failure is not None:  # the detector failed (a node could not be started)
+                raise failure
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
                 self.failed = f"{type(exc).__name__}: {exc}"
                 log.exception("cluster supervisor failed")
             raise
         finally:
-            self._stopping = True
+            self._stopping = self.detector.stopping = True
             await self._teardown()
             if api_task is not None:
                 api_task.cancel()
@@ -278,65 +248,47 @@ class Supervisor:
         except RuntimeError:  # the loop already ended
             pass
 
-    @property
-    def balancer(self) -> Any:
-        """The load balancer (``keepcount.cluster.balancer.LoadBalancer``)."""
-        return self._balancer
-
-    @property
-    def servers(self) -> Any:
-        """The coordinator's servers (``EtcdCluster`` / ``ZooKeeperServer``): fault verbs."""
-        return self._servers
-
     def _start_store(self) -> None:
-        """Start the local Cassandra cluster the spec asks for, if it does, and
+        """Start the local store servers the spec asks for, if it does, and
         create the store's schema once, before the nodes start (concurrent
         schema changes from several clients can conflict in Cassandra 5.0)."""
         spec = self.spec
+        started = time.monotonic()
+        servers: StoreServers | None = None
+        kind = spec.store
         if spec.store == "cassandra":
-            from keepcount.cluster.cassandra import CassandraCluster
-
-            started = time.monotonic()
-            cluster = CassandraCluster(spec.directory / "cassandra", nodes=3)
-            self.store_servers = cluster
-            cluster.start()
-            self.store_url = cluster.url_for("keepcount")
-            self.event(
-                "store_ready", kind="cassandra", url=self.store_url,
-                seconds=round(time.monotonic() - started, 3),
-            )  # fmt: skip
+            servers = CassandraCluster(spec.directory / "cassandra", nodes=3)
         elif spec.store == "bigtable":
-            from keepcount.cluster.bigtable import BigtableEmulator
-
-            emulator = BigtableEmulator(spec.directory / "bigtable")
-            self.store_servers = emulator
-            emulator.start()
-            self.store_url = emulator.url_for("keepcount")
-            self.event("store_ready", kind="bigtable-emulator", url=self.store_url, seconds=0)
+            servers = BigtableEmulator(spec.directory / "bigtable")
+            kind = "bigtable-emulator"
+        if servers is not None:
+            self.store_servers = servers
+            servers.start()
+            self.launcher.store_url = servers.url_for("keepcount")
+            seconds = round(time.monotonic() - started, 3) if kind == "cassandra" else 0
+            self.event("store_ready", kind=kind, url=self.store_url, seconds=seconds)
         if not self.store_url.startswith("sqlite:"):
             from keepcount.stores import open_store
 
             open_store(self.store_url).close()
 
     def _start_coordinator(self) -> None:
+        from keepcount.coordination import open_coordinator
+
         spec = self.spec
         directory = spec.directory / spec.coordinator
         started = time.monotonic()
+        servers: CoordinatorServers
         if spec.coordinator == "etcd":
-            from keepcount.cluster.etcd import EtcdCluster
-
-            servers: Any = EtcdCluster(directory, members=3)
+            servers = EtcdCluster(directory, members=3)
         else:
-            from keepcount.cluster.zookeeper import ZooKeeperServer
-
             servers = ZooKeeperServer(directory)
         servers.start()
         self._servers = servers
-        self.coordinator_url = servers.url_for("keepcount")
-        from keepcount.coordination import open_coordinator
-
+        self.launcher.coordinator_url = servers.url_for("keepcount")
         self._coordinator = open_coordinator(self.coordinator_url)
-        self._watch = self._coordinator.watch(self._on_members)
+        assert self._loop is not None
+        self._watch = self.detector.watch(self._coordinator, self._loop)
         self.event(
             "coordinator_ready",
             kind=spec.coordinator,
@@ -344,8 +296,8 @@ class Supervisor:
             seconds=round(time.monotonic() - started, 3),
         )
 
-    def _start_balancer(self) -> None:
-        from keepcount.cluster.balancer import Backend, make_balancer
+    def _start_balancer(self) -> LoadBalancer:
+        from keepcount.cluster.balancers import make_balancer
 
         spec = self.spec
         backends = [
@@ -366,213 +318,16 @@ class Supervisor:
         lb = make_balancer(
             spec.lb, spec.directory / spec.lb, (spec.host, spec.lb_port), backends, **opts
         )
+        self._balancer = lb
         lb.start()
         lb.wait_ready(30)
-        self._balancer = lb
         self.event(
             "balancer_ready",
             kind=spec.lb,
             url=spec.lb_url,
             seconds=round(time.monotonic() - started, 3),
         )
-
-    def _on_members(self, members: dict[str, Any]) -> None:
-        # The coordinator's watch thread: hand the snapshot to the loop.
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._set_members, dict(members))
-
-    def _set_members(self, members: dict[str, Any]) -> None:
-        self.members = members
-        self.members_at = time.monotonic()
-
-    # -- the failure detector ---------------------------------------------------
-
-    async def _detect(self) -> None:
-        while not self._stopping:
-            now = time.monotonic()
-            for ns in self.nodes.values():
-                cur = ns.current
-                if cur is not None:
-                    code = cur.process.proc.poll() if cur.process.proc is not None else None
-                    if code is not None:
-                        await self._exited(ns, cur, code)
-                    else:
-                        self._check_claim(ns, cur, now)
-                for old in list(ns.stale):
-                    code = old.process.proc.poll() if old.process.proc is not None else None
-                    if code is not None:
-                        old.exit_code = code
-                        ns.stale.remove(old)
-                        self.event("stale_exited", ns.spec.id, pid=old.pid, code=code)
-                if ns.current is None and ns.next_start is not None and now >= ns.next_start:
-                    self._start_node(ns)  # a fork and exec: milliseconds
-            if (
-                not self.ready.is_set()
-                and all(
-                    ns.current is not None and ns.current.ready_at is not None
-                    for ns in self.nodes.values()
-                )
-                and await asyncio.to_thread(self._balancer_routes_to_all)
-            ):
-                self.ready.set()
-                self.event("cluster_ready", seconds=round(time.time() - self.started, 3))
-            await asyncio.sleep(TICK)
-
-    async def _exited(self, ns: NodeState, inc: Incarnation, code: int) -> None:
-        inc.exit_code = code
-        inc.ready = False
-        ns.current = None
-        ran = time.monotonic() - inc.started_mono
-        self.event(
-            "exited", ns.spec.id, pid=inc.pid, code=code, incarnation=inc.number,
-            ran=round(ran, 3), signal=_signal_name(code),
-        )  # fmt: skip
-        if self._stopping:
-            return
-        evicted = await asyncio.to_thread(self._evict, ns.spec.id, inc)
-        if evicted is not None:
-            self.event("evicted", ns.spec.id, pid=inc.pid, epoch=evicted)
-        if ran >= STABLE_AFTER:
-            ns.failures = 0
-        delay = BACKOFF[min(ns.failures, len(BACKOFF) - 1)]
-        ns.failures += 1
-        ns.next_start = time.monotonic() + delay
-        if delay:
-            self.event("restart_scheduled", ns.spec.id, delay=delay)
-
-    def _balancer_routes_to_all(self) -> bool:
-        """Whether the balancer routes to every node's current slot (HAProxy
-        marks a server UP only after ``rise`` good checks; NGINX has no such
-        state and routes at once)."""
-        states = self._balancer.backend_states()
-        for ns in self.nodes.values():
-            cur = ns.current
-            if cur is None:
-                return False
-            state = str(states.get(slot_name(ns.spec.id, cur.slot), "UP")).upper()
-            if not state.startswith("UP"):
-                return False
-        return True
-
-    def _evict(self, node: str, inc: Incarnation) -> int | None:
-        """Remove a dead incarnation's claim if the coordinator still lists it
-        (by pid): the process is reaped, so nobody can be acknowledging under it."""
-        try:
-            member = self._coordinator.members().get(node)
-            if member is None or member.info.get("pid") != str(inc.pid):
-                return None
-            if self._coordinator.evict(node, member.epoch):
-                return int(member.epoch)
-        except KeepcountError as exc:  # its TTL removes it anyway
-            log.warning("evicting %s: %s", node, exc)
-        return None
-
-    def _check_claim(self, ns: NodeState, inc: Incarnation, now: float) -> None:
-        member = self.members.get(ns.spec.id)
-        if member is not None and member.info.get("pid") == str(inc.pid):
-            if not inc.claimed:
-                inc.claimed = True
-                inc.epoch = member.epoch
-                self.event("claimed", ns.spec.id, pid=inc.pid, epoch=member.epoch)
-            inc.absent_since = None
-            return
-        if not inc.claimed or self.members_at is None:
-            return
-        if inc.absent_since is None:
-            inc.absent_since = now
-        elif now - inc.absent_since >= ABSENT_GRACE:
-            # Alive, but no longer the holder: paused past its TTL, or cut off.
-            inc.stale = True
-            inc.ready = False
-            ns.stale.append(inc)
-            ns.current = None
-            ns.next_start = now
-            holder = member.info.get("pid") if member is not None else None
-            self.event(
-                "claim_lost", ns.spec.id, pid=inc.pid, epoch=inc.epoch,
-                state=process_state(inc.pid), holder_pid=holder,
-            )  # fmt: skip
-
-    def _start_node(self, ns: NodeState) -> None:
-        spec = self.spec
-        busy = {old.slot for old in ns.stale if old.exit_code is None}
-        last = ns.current.slot if ns.current is not None else None
-        free = [s for s in (0, 1) if s not in busy]
-        if not free:  # two live old incarnations: the oldest has to go
-            oldest = ns.stale[0]
-            oldest.process.kill()
-            with contextlib.suppress(Exception):
-                oldest.process.wait(10)
-            free = [oldest.slot]
-        slot = last if last in free else free[0]
-        ns.incarnations += 1
-        if ns.incarnations > 1:
-            ns.restarts += 1
-        logs = spec.directory / "nodes"
-        proc = NodeProcess(
-            ns.spec.id,
-            self.store_url,
-            port=ns.spec.ports[slot],
-            host=spec.host,
-            log=logs / f"{slot_name(ns.spec.id, slot)}.log",
-            extra=[
-                "--coordinator", self.coordinator_url,
-                "--claim-ttl", str(spec.claim_ttl),
-                *spec.extra.get("node_args", []),
-            ],
-        )  # fmt: skip
-        proc.start()
-        if self.partitions is not None:  # before the child's Python opens a socket
-            self.partitions.adopt(slot_name(ns.spec.id, slot), proc.pid)
-        inc = Incarnation(ns.spec.id, ns.incarnations, slot, proc)
-        ns.current = inc
-        ns.next_start = None
-        self.event(
-            "started", ns.spec.id, pid=inc.pid, slot=slot_name(ns.spec.id, slot),
-            incarnation=inc.number, port=ns.spec.ports[slot],
-        )  # fmt: skip
-
-    async def _probe(self, ns: NodeState) -> None:
-        assert self._session is not None
-        while not self._stopping:
-            inc = ns.current
-            if inc is None or inc.exit_code is not None:
-                await asyncio.sleep(PROBE_EVERY)
-                continue
-            url = f"http://{self.spec.host}:{inc.process.port}/readyz"
-            try:
-                async with self._session.get(url) as resp:
-                    body = await resp.json(content_type=None)
-                    ok = resp.status == 200
-            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
-                ok, body = False, {}
-                inc.probe = (
-                    "unresponsive" if isinstance(exc, TimeoutError) or inc.probe != "starting"
-                    else "starting"
-                )  # fmt: skip
-            else:
-                inc.probe = "ready" if ok else "restoring"
-            if ok:
-                inc.readyz = body
-                if not inc.ready:
-                    inc.ready = True
-                    first = inc.ready_at is None
-                    inc.ready_at = time.monotonic()
-                    self.event(
-                        "ready", ns.spec.id, pid=inc.pid, epoch=body.get("epoch"),
-                        incarnation=inc.number, first=first,
-                        after=round(inc.ready_at - inc.started_mono, 3),
-                        restored_series=body.get("restored_series"),
-                        restore_seconds=body.get("restore_seconds"),
-                        restoring_since=body.get("restoring_since"),
-                        ready_at=body.get("ready_at"),
-                    )  # fmt: skip
-            elif inc.ready and inc is ns.current:
-                inc.ready = False
-                self.event("unready", ns.spec.id, pid=inc.pid, probe=inc.probe)
-            await asyncio.sleep(PROBE_EVERY)
+        return lb
 
     # -- fault verbs (return once their effect is seen) --------------------------
 
@@ -612,27 +367,28 @@ class Supervisor:
         pids = [t.pid for t in targets]
         attempts = 1
         for t in targets:
-            os.kill(t.pid, sig)
+            t.process.signal(sig)
             if sig == signal.SIGSTOP and clean:
                 attempts = await self._stop_outside_writes(t)
         self.event(
             "signal", node, signal=f"SIG{name.upper().removeprefix('SIG')}", pids=pids,
             **({"attempts": attempts} if attempts > 1 else {}),
         )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def seen() -> bool:
             states = [process_state(t.pid) for t in targets]
-            if sig == signal.SIGSTOP and all(s == "T" for s in states):
-                break
-            if sig == signal.SIGCONT and all(s != "T" for s in states):
-                break
-            if sig in (signal.SIGKILL, signal.SIGTERM) and all(
-                t.exit_code is not None for t in targets
-            ):
-                break
-            await asyncio.sleep(0.005)
-        else:
-            raise TimeoutError(f"SIG{name} to {node} (pids {pids}) showed no effect in {timeout} s")
+            if sig == signal.SIGSTOP:
+                return all(s == "T" for s in states)
+            if sig == signal.SIGCONT:
+                return all(s != "T" for s in states)
+            return all(t.exit_code is not None for t in targets)  # recorded by the detector
+
+        try:
+            await apoll_until(seen, timeout, f"SIG{name} to {node}", interval=0.005)
+        except TimeoutError:
+            raise TimeoutError(
+                f"SIG{name} to {node} (pids {pids}) showed no effect in {timeout} s"
+            ) from None
         return {"node": node, "signal": name.upper(), "pids": pids}
 
     async def _stop_outside_writes(self, inc: Incarnation) -> int:
@@ -643,15 +399,28 @@ class Supervisor:
 
         db = Path(sqlite_path(self.store_url))
         paths = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
-        for attempt in range(1, 1001):
-            while process_state(inc.pid) not in ("T", None):
-                await asyncio.sleep(0.001)
+        attempts = 0
+
+        async def stopped_outside_a_write() -> bool:
+            nonlocal attempts
+            attempts += 1
+            await apoll_until(
+                lambda: process_state(inc.pid) in ("T", None), 10, "stop", interval=0.001
+            )
             if not holds_write_lock(inc.pid, paths):
-                return attempt
-            os.kill(inc.pid, signal.SIGCONT)
+                return True
+            inc.process.signal(signal.SIGCONT)
             await asyncio.sleep(0.003)  # let it finish its write
-            os.kill(inc.pid, signal.SIGSTOP)
-        raise TimeoutError(f"{inc.node} (pid {inc.pid}) never stopped outside a write")
+            inc.process.signal(signal.SIGSTOP)
+            return False
+
+        try:
+            await apoll_until(stopped_outside_a_write, 10.0, "stop", interval=0.0)
+        except TimeoutError:
+            raise TimeoutError(
+                f"{inc.node} (pid {inc.pid}) never stopped outside a write in 10 s"
+            ) from None
+        return attempts
 
     async def restart(self, node: str) -> dict[str, Any]:
         """Stop the node gracefully (SIGTERM) and let the detector start a new
@@ -660,13 +429,18 @@ class Supervisor:
         before = ns.incarnations
         if ns.current is not None:
             await self.signal(node, "TERM", timeout=STOP_GRACE)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+
+        def back() -> bool:
             cur = ns.current
-            if ns.incarnations > before and cur is not None and cur.ready:
-                return {"node": node, "pid": cur.pid, "incarnation": cur.number}
-            await asyncio.sleep(0.02)
-        raise TimeoutError(f"{node} was not ready again within 60 s")
+            return ns.incarnations > before and cur is not None and cur.ready
+
+        try:
+            await apoll_until(back, 60, node, interval=0.02)
+        except TimeoutError:
+            raise TimeoutError(f"{node} was not ready again within 60 s") from None
+        cur = ns.current
+        assert cur is not None
+        return {"node": node, "pid": cur.pid, "incarnation": cur.number}
 
     # -- status ------------------------------------------------------------------
 
@@ -719,19 +493,22 @@ class Supervisor:
 
     async def counters(self) -> dict[str, Any] | None:
         """The cluster totals as any ready node answers them (None if none is)."""
-        assert self._session is not None
-        for ns in self.nodes.values():
-            inc = ns.current
-            if inc is None or not inc.ready:
-                continue
-            url = f"http://{self.spec.host}:{inc.process.port}/v1/cluster/counters"
-            try:
-                async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as r:
-                    if r.status == 200:
-                        data: dict[str, Any] = await r.json()
+        async with httpx.AsyncClient(
+            verify=False,  # noqa: S501 - plain http to loopback: no TLS context to load
+            trust_env=False,
+            timeout=5.0,
+        ) as client:
+            for ns in self.nodes.values():
+                inc = ns.current
+                if inc is None or not inc.ready:
+                    continue
+                try:
+                    r = await client.get(f"{inc.process.url}/v1/cluster/counters")
+                    if r.status_code == 200:
+                        data: dict[str, Any] = json.loads(r.content)
                         return data
-            except (TimeoutError, aiohttp.ClientError):
-                continue
+                except (httpx.TransportError, ValueError):
+                    continue
         return None
 
     # -- teardown ----------------------------------------------------------------
@@ -739,53 +516,28 @@ class Supervisor:
     async def _teardown(self) -> None:
         incs = [i for ns in self.nodes.values() for i in (ns.current, *ns.stale) if i is not None]
         for inc in incs:
-            if process_state(inc.pid) == "T":
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(inc.pid, signal.SIGCONT)
-            inc.process.terminate()
+            inc.process.terminate()  # SIGCONT first: a paused one must act on it
         deadline = time.monotonic() + STOP_GRACE
         for inc in incs:
-            while inc.process.proc is not None and inc.process.proc.poll() is None:
-                if time.monotonic() > deadline:
-                    inc.process.kill()
-                    await asyncio.to_thread(inc.process.wait, 10)
-                    break
-                await asyncio.sleep(0.02)
-            if inc.process.proc is not None:
-                inc.exit_code = inc.process.proc.returncode
-        if self._session is not None:
-            await self._session.close()
+            left = max(0.001, deadline - time.monotonic())
+            try:
+                inc.exit_code = await asyncio.wait_for(inc.process.exited(), left)
+            except TimeoutError:
+                inc.exit_code = await asyncio.to_thread(inc.process.kill)
         await asyncio.to_thread(self._stop_servers)
 
     def _stop_servers(self) -> None:
-        steps = [
-            ("watch", self._watch, "cancel"),
-            ("coordinator client", self._coordinator, "close"),
-            ("load balancer", self._balancer, "stop"),
-            ("coordinator", self._servers, "stop"),
-            ("store", self.store_servers, "stop"),
+        steps: list[tuple[str, Callable[[], object] | None]] = [
+            ("watch", self._watch.cancel if self._watch else None),
+            ("coordinator client", self._coordinator.close if self._coordinator else None),
+            ("load balancer", self._balancer.stop if self._balancer else None),
+            ("coordinator", self._servers.stop if self._servers else None),
+            ("store", self.store_servers.stop if self.store_servers else None),
         ]
-        for what, obj, method in steps:
-            if obj is None:  # never started
+        for what, stop in steps:
+            if stop is None:  # never started
                 continue
             try:
-                getattr(obj, method)()
+                stop()
             except Exception as exc:
                 log.warning("stopping the %s: %s", what, exc)
-
-
-def _signal_name(code: int) -> str | None:
-    if code >= 0:
-        return None
-    try:
-        return signal.Signals(-code).name
-    except ValueError:
-        return None
-
-
-def read_events(directory: Path) -> list[dict[str, Any]]:
-    """Every event a supervisor of ``directory`` recorded, in order."""
-    path = directory / EVENTS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

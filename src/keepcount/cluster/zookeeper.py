@@ -28,15 +28,12 @@ Not thread-safe: one owner (a test fixture, the cluster CLI) drives it.
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
-from keepcount.cluster.processes import ServerProcess
+from keepcount.cluster.processes import ServerGroup, ServerProcess
 from keepcount.nodeproc import free_port
 
 __all__ = [
@@ -72,7 +69,6 @@ log4j.appender.CONSOLE=org.apache.log4j.ConsoleAppender
 log4j.appender.CONSOLE.layout=org.apache.log4j.PatternLayout
 log4j.appender.CONSOLE.layout.ConversionPattern=%d{ISO8601} %-5p [%t:%C{1}@%L] - %m%n
 """
-_POLL = 0.02  # poll interval inside deadline loops, not a synchronisation sleep
 
 
 def zookeeper_classpath() -> str:
@@ -131,6 +127,10 @@ class ZooKeeperMember(ServerProcess):
     def endpoint(self) -> str:
         return f"{self.host}:{self.client_port}"
 
+    @property
+    def address(self) -> str:
+        return self.endpoint
+
     def _write_config(self) -> Path:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.conf_dir.mkdir(parents=True, exist_ok=True)
@@ -180,11 +180,12 @@ class ZooKeeperMember(ServerProcess):
         return self.mode() in ("standalone", "leader", "follower")
 
 
-class _Servers:
-    """What a standalone server and an ensemble share: verbs over members."""
+class _Servers(ServerGroup[ZooKeeperMember]):
+    """What a standalone server and an ensemble share (``ServerGroup``: the
+    fault verbs on member ``i``, ``stop``, ``logs``)."""
 
     kind = "ZooKeeper"
-    members: list[ZooKeeperMember]
+    label = "ZooKeeper"
 
     @property
     def endpoints(self) -> list[str]:
@@ -210,51 +211,12 @@ class _Servers:
     def wait_serving(self, which: range | list[int] | None = None, timeout: float = 30.0) -> None:
         """Return once the given members (default: all running ones) serve
         clients; ``TimeoutError`` with their logs otherwise."""
-        indices = list(which) if which is not None else self.running()
-        pending = set(indices)
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            for i in sorted(pending):
-                m = self.members[i]
-                if m.proc is not None and m.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{self.kind} {m.name} exited with {m.proc.returncode}\n{self.logs()}"
-                    )
-                if m.serving():
-                    pending.discard(i)
-            if pending:
-                time.sleep(_POLL)
-        if pending:
-            names = [self.members[i].name for i in sorted(pending)]
-            raise TimeoutError(f"{self.kind} {names} not serving within {timeout} s\n{self.logs()}")
+        self.wait_members(which, ZooKeeperMember.serving, timeout, "serving")
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Every running member serving (the name the cluster tooling uses for
         all servers)."""
         self.wait_serving(None, timeout)
-
-    def running(self) -> list[int]:
-        return [i for i, m in enumerate(self.members) if m.running()]
-
-    def kill(self, i: int = 0) -> None:
-        """SIGKILL member ``i`` and reap it."""
-        self.members[i].kill()
-
-    def pause(self, i: int = 0) -> None:
-        """SIGSTOP member ``i``; returns once it is stopped."""
-        self.members[i].pause()
-
-    def resume(self, i: int = 0) -> None:
-        """SIGCONT member ``i``; returns once it runs (see ``wait_serving``)."""
-        self.members[i].resume()
-
-    def pause_all(self) -> None:
-        for i in self.running():
-            self.pause(i)
-
-    def resume_all(self) -> None:
-        for i in self.running():
-            self.resume(i)
 
     def restart(self, i: int = 0, timeout: float = 30.0) -> None:
         """Kill member ``i`` if it runs, start it on the same data dir, wait
@@ -263,37 +225,6 @@ class _Servers:
         m.kill()
         m.start()
         self.wait_serving([i], timeout)
-
-    def stop(self) -> None:
-        """SIGKILL every member and reap them; idempotent."""
-        for m in self.members:
-            if m.proc is not None and m.proc.poll() is None:
-                m.proc.send_signal(signal.SIGCONT)
-                m.proc.kill()
-        for m in self.members:
-            if m.proc is not None:
-                m.proc.wait(10)
-
-    def logs(self, chars: int = 3000) -> str:
-        """The tail of every member's log, labelled (for assertion messages)."""
-        parts = []
-        for m in self.members:
-            state = "running" if m.running() else "down"
-            parts.append(
-                f"--- {self.kind} {m.name} ({m.endpoint}, {state}) ---\n{m.log_tail(chars)}"
-            )
-        return "\n".join(parts)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class ZooKeeperServer(_Servers):
@@ -352,10 +283,4 @@ class ZooKeeperEnsemble(_Servers):
 
     def leader(self, timeout: float = 10.0) -> int:
         """Index of the current leader (waits for one)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for i in self.running():
-                if self.members[i].mode() == "leader":
-                    return i
-            time.sleep(_POLL)
-        raise TimeoutError(f"no ZooKeeper leader within {timeout} s\n{self.logs()}")
+        return self.find(lambda m: m.mode() == "leader", timeout, "ZooKeeper leader")

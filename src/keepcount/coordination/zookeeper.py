@@ -5,8 +5,8 @@ timeout and creates the ephemeral znode ``/keepcount/<namespace>/nodes/<node>``;
 the epoch is the znode's ``czxid`` (the zxid of its creation), which only
 grows.  The claim lives as long as the session: closing the session
 (``release``) or its expiry deletes the znode.  One more session per
-coordinator, opened on first use, serves ``members``, ``watch`` and
-``evict``.
+coordinator, opened on first use, serves ``members``, ``watch``
+(``coordination.zookeeper_watch``) and ``evict``.
 
 Renewal and the deadline: kazoo pings on its own thread but does not say
 when a ping was answered, so each claim runs a thread of its own that, every
@@ -61,6 +61,7 @@ from kazoo.exceptions import (  # type: ignore[import-untyped]
     SessionExpiredError,
 )
 from kazoo.handlers.threading import KazooTimeoutError  # type: ignore[import-untyped]
+from tenacity import Retrying, before_sleep_log, retry_if_exception_type
 
 from keepcount.coordination import CoordinatorURL
 from keepcount.coordination.base import (
@@ -75,6 +76,7 @@ from keepcount.coordination.base import (
     encode_info,
     renew_interval,
 )
+from keepcount.coordination.zookeeper_watch import ZooKeeperWatch
 from keepcount.errors import ClaimConflict, CoordinatorUnavailable
 from keepcount.naming import check_node_id
 
@@ -86,8 +88,6 @@ log = logging.getLogger(__name__)
 # claim's session must be back within its timeout or it is lost.
 _CONNECTION_RETRY = {"max_tries": -1, "delay": 0.05, "backoff": 1.5, "max_delay": 0.5}
 _READ_TIMEOUT = 2.0
-_RESYNC = 5.0
-"""A watch re-reads the membership at least this often, even without events."""
 _MAIN_SESSION_TIMEOUT = 4.0
 """Session timeout of the coordinator's own session (reads, watches): kazoo
 notices a dead server after 2/3 of it and moves to the next."""
@@ -213,90 +213,50 @@ class ZooKeeperClaim(ClaimState):
         return False
 
     def _renew(self, sent: float) -> None:
-        client = self._session.client
-        next_at = sent + renew_interval(self.ttl)
-        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
-            interval = renew_interval(self._session.ttl)
-            rpc_timeout = max(interval, 0.2)
-            sent = time.monotonic()
-            try:
-                client.sync_async(self.path).get(timeout=rpc_timeout)
-                stat = client.exists_async(self.path).get(timeout=rpc_timeout)
-            except SessionExpiredError:
-                if not self._stop.is_set():
-                    self.mark_lost("its ZooKeeper session expired")
-                break
-            except _FAILURES as exc:
-                log.debug("renewing %s failed: %r", self.node, exc)
-                next_at = time.monotonic() + min(interval, 0.1)
-                continue
-            if stat is None or stat.czxid != self.epoch or stat.ephemeralOwner != self.session_id:
-                self.mark_lost("its znode was deleted in ZooKeeper (evicted)")
-                break
-            self.renewed(sent, self._session.ttl)
-            next_at = sent + interval
+        """Renew every ttl/4 from ``sent`` until stopped or lost; after a
+        failure retry soon (every ttl/4, at most 0.1 s; a release ends the wait)."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(_FAILURES),
+            wait=lambda _: min(renew_interval(self._session.ttl), 0.1),
+            sleep=self._pause,
+            before_sleep=before_sleep_log(log, logging.DEBUG),
+        )
+        renewed: float | None = sent
+        while renewed is not None and not self._stop.wait(
+            max(0.0, renewed + renew_interval(self._session.ttl) - time.monotonic())
+        ):
+            renewed = retrying(self._renew_once)
         if self.reason != "released":
             self._coordinator._forget(self)
             self._session.stop()
+
+    def _pause(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    def _renew_once(self) -> float | None:
+        """One renewal (sync, then exists); its send time, None once stopped or lost."""
+        if self._stop.is_set():
+            return None
+        client = self._session.client
+        rpc_timeout = max(renew_interval(self._session.ttl), 0.2)
+        sent = time.monotonic()
+        try:
+            client.sync_async(self.path).get(timeout=rpc_timeout)
+            stat = client.exists_async(self.path).get(timeout=rpc_timeout)
+        except SessionExpiredError:
+            if not self._stop.is_set():
+                self.mark_lost("its ZooKeeper session expired")
+            return None
+        if stat is None or stat.czxid != self.epoch or stat.ephemeralOwner != self.session_id:
+            self.mark_lost("its znode was deleted in ZooKeeper (evicted)")
+            return None
+        self.renewed(sent, self._session.ttl)
+        return sent
 
     def _release_remote(self) -> None:
         self._stop.set()
         self._coordinator._forget(self)
         self._session.stop()
-
-
-class ZooKeeperWatch:
-    """A membership watch: a thread that reads the children of the namespace
-    whenever ZooKeeper says they changed (and every few seconds regardless)
-    and calls the callback."""
-
-    def __init__(
-        self, coordinator: ZooKeeperCoordinator, callback: Callable[[dict[str, Member]], None]
-    ) -> None:
-        self._coordinator = coordinator
-        self._callback = callback
-        self._trigger = threading.Event()
-        self._cancelled = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="keepcount-zk-watch", daemon=True)
-        self._thread.start()
-
-    def fire(self, *_: object) -> None:
-        """Something may have changed (a child watch, a reconnection)."""
-        self._trigger.set()
-
-    def _run(self) -> None:
-        last: dict[str, Member] | None = None
-        while not self._cancelled.is_set():
-            self._trigger.clear()
-            try:
-                members = self._coordinator._read_members(watch=self.fire)
-            except CoordinatorUnavailable as exc:
-                log.debug("ZooKeeper watch: %s", exc)
-                self._trigger.wait(0.5)
-                continue
-            with self._lock:
-                if self._cancelled.is_set():
-                    return
-                deliver = members != last
-            if deliver:
-                last = members
-                try:
-                    self._callback(dict(members))
-                except Exception:
-                    log.exception("membership watch callback failed")
-            self._trigger.wait(_RESYNC)
-
-    def cancel(self) -> None:
-        """Stop the watch; idempotent.  No call starts after it returns."""
-        with self._lock:
-            if self._cancelled.is_set():
-                return
-            self._cancelled.set()
-        self._trigger.set()
-        self._coordinator._forget_watch(self)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(10)
 
 
 class ZooKeeperCoordinator:
@@ -460,7 +420,7 @@ class ZooKeeperCoordinator:
     def watch(self, callback: Callable[[dict[str, Member]], None]) -> ZooKeeperWatch:
         """Call ``callback`` with the membership now and after each change."""
         self._check_open()
-        w = ZooKeeperWatch(self, callback)
+        w = ZooKeeperWatch(self._read_members, callback, self._forget_watch)
         with self._lock:
             self._watches.add(w)
         return w

@@ -104,7 +104,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from keepcount.errors import InvalidInput
+from keepcount.errors import CorruptStore, Fenced, InvalidInput
 
 __all__ = [
     "BUCKETED_KINDS",
@@ -121,6 +121,7 @@ __all__ = [
     "check_kind",
     "has_buckets",
     "is_native_kind",
+    "next_epoch",
 ]
 
 SeriesValue = int | str
@@ -160,6 +161,18 @@ def check_kind(kind: object) -> str:
         f"unknown family kind {kind!r}: expected one of {list(NATIVE_KINDS)} "
         "or prometheus.<type>[.<variant>] (lowercase letters)"
     )
+
+
+def next_epoch(node: str, requested: int | None, stored: int) -> int:
+    """The epoch a claim of ``node`` records, given the ``stored`` one (0 for
+    a node never claimed): one more when the store issues it (``requested``
+    None), else the coordinator's ``requested`` epoch; ``Fenced`` if that is
+    older than the stored one (G4: epochs only grow)."""
+    if requested is None:
+        return stored + 1
+    if requested < stored:
+        raise Fenced(f"node {node!r}: epoch {requested} is older than the stored epoch {stored}")
+    return requested
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +223,18 @@ class Snapshot:
 
     def series_count(self) -> int:
         return sum(len(v) for v in self.values.values())
+
+    def add_series(self, where: str, node: str, name: str, labels: str, value: SeriesValue) -> None:
+        """Add a series as read from store ``where`` (its families added first);
+        ``CorruptStore`` if keepcount cannot have written it: no family, or a
+        value not of its family's kind (an ``int`` for a counter only)."""
+        family = self.families.get(name)
+        if family is None or isinstance(value, int) != (family.kind == "counter"):
+            raise CorruptStore(
+                f"{where}: node {node!r} holds a series {name}{labels} that keepcount "
+                "cannot have written (no family, or a value of the wrong kind); refusing it"
+            )
+        self.values.setdefault(name, {})[labels] = value
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ control API) and every node (``source: "node"``) answer ``GET
         "history": [{"t": 1717999990.5, "state": "ready"}, ...]
       }],
       "lb": {"kind": "haproxy", "url": "http://...", "backends": {"node-1.a": "UP"},
+             "standby": ["node-1.b"],   # backends no incarnation holds (shown as standby)
              "error": "..."?} | null,
       "counters": [{"name", "help", "labels": {...}, "value": 12,
                     "nodes": {"node-1": 5, "node-2": 7}}],
@@ -169,6 +170,12 @@ STATE_SCHEMA: dict[str, Any] = {
                         "kind": _OPT_STR,
                         "url": _OPT_STR,
                         "backends": _STRINGS,
+                        "standby": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "description": "Backends (slots) that no incarnation holds: "
+                            "waiting for the next one, not down.",
+                        },
                         "error": {"type": "string"},
                     },
                 },
@@ -347,6 +354,16 @@ def _event(ev: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in ev.items() if k != "mono"}
 
 
+def _held_slots(nodes: Iterable[Mapping[str, Any]]) -> set[str]:
+    """The balancer slots an incarnation holds: each node's current one, and
+    those of old incarnations still alive.  A node has two slots so that a
+    new incarnation can start beside the old one; the other is on standby."""
+    held = {str(n["slot"]) for n in nodes if n.get("slot")}
+    for n in nodes:
+        held.update(str(o["slot"]) for o in n.get("stale") or () if o.get("slot"))
+    return held
+
+
 def cluster_state(
     status: Mapping[str, Any],
     counters: Mapping[str, Any] | None,
@@ -389,7 +406,14 @@ def cluster_state(
     lb = status.get("lb")
     lb_doc = None
     if lb is not None:
-        lb_doc = {"kind": lb.get("kind"), "url": lb.get("url"), "backends": lb.get("backends", {})}
+        backends = lb.get("backends", {})
+        held = _held_slots(status.get("nodes", []))
+        lb_doc = {
+            "kind": lb.get("kind"),
+            "url": lb.get("url"),
+            "backends": backends,
+            "standby": sorted(name for name in backends if name not in held),
+        }
         if "error" in lb:
             lb_doc["error"] = str(lb["error"])
     entries: list[dict[str, Any]] = []

@@ -25,7 +25,7 @@
   const SHOWN_TRANSITIONS = 40;
   const KNOWN_STATES = new Set([
     'starting', 'restoring', 'ready', 'unresponsive', 'paused', 'fenced', 'down',
-    'unconfirmed', 'claimed', 'released', 'up', 'maint', 'drain', 'nolb',
+    'unconfirmed', 'claimed', 'released', 'up', 'maint', 'drain', 'nolb', 'standby',
   ]);
   const PALETTE = ['#2f6fde', '#d9480f', '#2b8a3e', '#ae3ec9', '#0b7285', '#e67700', '#5c940d', '#c2255c', '#495057'];
   const MARKS = {
@@ -174,11 +174,20 @@
     summary.textContent = `${show(doc.lb.kind)} at ${show(doc.lb.url)}` +
       (doc.lb.error ? ` — cannot read its state: ${doc.lb.error}` : '');
     const names = Object.keys(doc.lb.backends || {}).sort();
+    // A slot no incarnation holds waits for the next one (each node has two,
+    // so a new incarnation can start beside the old): standby, not down.
+    const standby = new Set(Array.isArray(doc.lb.standby) ? doc.lb.standby : []);
     for (const name of names) {
       const row = el('tr');
       row.dataset.backend = name;
       cell(row, name);
-      cell(row, null).appendChild(stateBadge(doc.lb.backends[name]));
+      const st = cell(row, null);
+      if (standby.has(name)) {
+        st.appendChild(stateBadge('standby'));
+        st.appendChild(el('span', 'muted small', ` (${doc.lb.backends[name]})`));
+      } else {
+        st.appendChild(stateBadge(doc.lb.backends[name]));
+      }
       tbody.appendChild(row);
     }
   }

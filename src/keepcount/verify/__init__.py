@@ -10,5 +10,8 @@ Modules (one per concept):
 
 - ``history``: ``Op``, the JSON-lines file format, ``HistoryWriter``, ``read_history``.
 - ``checker``: ``counter``, ``exactly_once``, ``monotonic``, ``availability``,
-  ``compose`` and ``check``.
+  ``compose`` and ``check`` (the front door of the checker modules:
+  ``analysis``, ``counter``, ``monotonic``, ``availability``, ``verdict``).
+- ``workload``: the clients that record the history; ``nemesis``: the faults;
+  ``run``: one whole run; ``report``: its report.
 """

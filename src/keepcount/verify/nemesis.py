@@ -35,7 +35,7 @@ from typing import Any
 from keepcount.cluster.faults import kill, partition, pause
 from keepcount.cluster.partition import endpoints_of, unavailable
 from keepcount.cluster.spec import slot_name
-from keepcount.verify.checker import Fault
+from keepcount.verify.verdict import Fault
 
 __all__ = ["KINDS", "Nemesis"]
 

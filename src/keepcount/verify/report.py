@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from keepcount.verify.checker import Fault, Result
 from keepcount.verify.history import Op
+from keepcount.verify.verdict import Fault, Result
 
 __all__ = ["write_report"]
 

@@ -19,6 +19,11 @@ A reader process reads the cluster totals through the load balancer every
 (the verifier finds the nodes through the cluster's supervisor).  After the
 run, ``settle`` resolves every keyed increment left unknown, then one final
 read is taken: the checkers (``keepcount.verify.checker``) judge it all.
+
+Every request goes through ``httpx`` with a deadline on the whole exchange:
+each client process has a keep-alive connection of its own, the reader, the
+scrapers and the settling share a small pool (``load_client``); every resend
+is ``tenacity``'s.
 """
 
 from __future__ import annotations
@@ -28,23 +33,43 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import aiohttp
+import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_result,
+    stop_before_delay,
+    wait_exponential,
+    wait_fixed,
+)
 
+from keepcount.cluster.workload import load_client
 from keepcount.verify.history import HistoryWriter, Op
 
 __all__ = ["COUNTER", "Workload"]
 
 COUNTER = "verify_total"
 SHARDS = 3
-SCRAPE_TIMEOUT = aiohttp.ClientTimeout(total=1.0)
+SCRAPE_TIMEOUT = 1.0
 REQUEST_TIMEOUT = 3.0
 """Seconds before an attempt is given up as unknown (``info``): longer than
 the load balancer's own retries of a dead or paused node take."""
+RESEND_BACKOFF = (0.02, 0.5)
+"""Pause before a keyed increment left unknown is sent again, doubling up to
+the second figure."""
+SETTLE_PAUSE = 0.2
+"""Pause between two sends of an increment (or reads) while settling."""
+SHARED_CONNECTIONS = 16
+"""The pool of the reader, the scrapers (one per node) and the settling."""
+_ERRORS = (TimeoutError, httpx.RequestError)
+"""What leaves a request's outcome unknown: no answer within the deadline,
+a connection refused, reset or cut short (the request may have been sent)."""
+T = TypeVar("T")
 
 
 class Workload:
@@ -93,38 +118,43 @@ class Workload:
     async def run(self, stop: asyncio.Event) -> None:
         """Clients, the reader and the scraper, until ``stop`` is set."""
         rnd = random.Random(self.seed)
-        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with load_client(SHARED_CONNECTIONS, REQUEST_TIMEOUT) as shared:
             tasks = [
-                self._client(session, p, random.Random(rnd.randrange(2**32)), stop)
+                self._client(p, random.Random(rnd.randrange(2**32)), stop)
                 for p in range(self.clients)
             ]
-            tasks.append(self._reader(session, self.clients, stop))
-            tasks.append(self._scraper(session, self.clients + 2, stop))
+            tasks.append(self._reader(shared, self.clients, stop))
+            tasks.append(self._scraper(shared, self.clients + 2, stop))
             await asyncio.gather(*tasks)
 
-    async def _client(
-        self, session: aiohttp.ClientSession, process: int, rnd: random.Random,
+    async def _client(self, process: int, rnd: random.Random, stop: asyncio.Event) -> None:
+        async with load_client(1, REQUEST_TIMEOUT) as client:
+            await self._add_until(client, process, rnd, stop)
+
+    async def _add_until(
+        self, client: httpx.AsyncClient, process: int, rnd: random.Random,
         stop: asyncio.Event,
     ) -> None:  # fmt: skip
+        # A keyed increment left unknown is sent again with its key until it
+        # is ok or fail; once stop is set, settle() takes over.
+        resend = AsyncRetrying(
+            retry=retry_if_result(_unknown),
+            wait=wait_exponential(multiplier=RESEND_BACKOFF[0], max=RESEND_BACKOFF[1]),
+            stop=lambda _: stop.is_set(),
+            retry_error_callback=_last_outcome,
+        )
         while not stop.is_set():
             keyed = rnd.random() < self.keyed
             labels = {"mode": "keyed" if keyed else "plain", "shard": str(rnd.randrange(SHARDS))}
             value = {"labels": labels, "by": rnd.randint(1, 3)}
             key = uuid.UUID(int=rnd.getrandbits(128)).hex if keyed else None
-            delay = 0.02
-            while True:
-                outcome = await self._add(session, process, value, key)
-                if outcome != "info" or key is None:
-                    break
-                if stop.is_set():  # settled after the run, by settle()
-                    self._pending.append((process, value, key))
-                    break
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
+            if key is None:
+                await self._add(client, process, value, None)  # unknown stays unknown
+            elif _unknown(await resend(self._add, client, process, value, key)):
+                self._pending.append((process, value, key))
 
     async def _add(
-        self, session: aiohttp.ClientSession, process: int, value: dict[str, Any], key: str | None
+        self, client: httpx.AsyncClient, process: int, value: dict[str, Any], key: str | None
     ) -> str:
         self.record(process, "invoke", "add", value, key=key)
         self.attempts += 1
@@ -132,13 +162,11 @@ class Workload:
         if key is not None:
             headers["Idempotency-Key"] = key
         try:
-            async with session.post(
-                f"{self.lb_url}/v1/counters/{COUNTER}/increment",
-                data=json.dumps(value), headers=headers,
-            ) as r:  # fmt: skip
-                status = r.status
-                body = await r.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            status, body = await _exchange(
+                client, "POST", f"{self.lb_url}/v1/counters/{COUNTER}/increment",
+                REQUEST_TIMEOUT, content=json.dumps(value).encode(), headers=headers,
+            )  # fmt: skip
+        except _ERRORS as exc:
             self.record(process, "info", "add", value, key=key, error=type(exc).__name__)
             return "info"
         answer = _json(body)
@@ -151,13 +179,14 @@ class Workload:
         self.record(process, kind, "add", value, key=key, error=error)
         return kind
 
-    async def read(self, session: aiohttp.ClientSession, process: int) -> Op:
+    async def read(self, client: httpx.AsyncClient, process: int) -> Op:
         """One read of the cluster totals through the load balancer."""
         self.record(process, "invoke", "read")
         try:
-            async with session.get(f"{self.lb_url}/v1/cluster/counters/{COUNTER}") as r:
-                status, body = r.status, await r.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            status, body = await _exchange(
+                client, "GET", f"{self.lb_url}/v1/cluster/counters/{COUNTER}", REQUEST_TIMEOUT
+            )
+        except _ERRORS as exc:
             return self.record(process, "info", "read", error=type(exc).__name__)
         answer = _json(body)
         if status == 404:  # nothing counted yet
@@ -167,16 +196,12 @@ class Workload:
         totals = {_label_key(c["labels"]): int(c["value"]) for c in answer["counters"]}
         return self.record(process, "ok", "read", {"totals": totals})
 
-    async def _reader(
-        self, session: aiohttp.ClientSession, process: int, stop: asyncio.Event
-    ) -> None:
+    async def _reader(self, client: httpx.AsyncClient, process: int, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await self.read(session, process)
+            await self.read(client, process)
             await _wait(stop, self.read_every)
 
-    async def _scraper(
-        self, session: aiohttp.ClientSession, process: int, stop: asyncio.Event
-    ) -> None:
+    async def _scraper(self, client: httpx.AsyncClient, process: int, stop: asyncio.Event) -> None:
         """Each node's own values, one process per node (a paused node must not
         hold up the others' scrapes)."""
         running: dict[str, asyncio.Task[None]] = {}
@@ -189,19 +214,19 @@ class Workload:
                         self._scrape_process[node] = process + nodes
                         nodes += 1
                     running[node] = asyncio.create_task(
-                        self._scrape(session, self._scrape_process[node], node, url, pid)
+                        self._scrape(client, self._scrape_process[node], node, url, pid)
                     )
             await _wait(stop, self.read_every)
         await asyncio.gather(*running.values())
 
     async def _scrape(
-        self, session: aiohttp.ClientSession, process: int, node: str, url: str, pid: int
+        self, client: httpx.AsyncClient, process: int, node: str, url: str, pid: int
     ) -> None:
         self.record(process, "invoke", "scrape", {"node": node, "pid": pid})
         try:
-            async with session.get(f"{url}/metrics", timeout=SCRAPE_TIMEOUT) as r:
-                status, text = r.status, await r.text()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            status, body = await _exchange(client, "GET", f"{url}/metrics", SCRAPE_TIMEOUT)
+            text = body.decode()
+        except (*_ERRORS, UnicodeDecodeError) as exc:
             self.record(process, "info", "scrape", {"node": node, "pid": pid},
                         error=type(exc).__name__)  # fmt: skip
             return
@@ -216,22 +241,56 @@ class Workload:
         """Send every keyed increment left unknown again (same key) until it
         is ok or fail, or ``deadline`` (monotonic) passes; the number still
         unknown.  Then a final read, retried until it answers."""
-        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with load_client(SHARED_CONNECTIONS, REQUEST_TIMEOUT) as client:
             pending, self._pending = self._pending, []
-            left = []
+            left = 0
             for process, value, key in pending:
-                while time.monotonic() < deadline:
-                    if await self._add(session, process, value, key) != "info":
-                        break
-                    await asyncio.sleep(0.2)
-                else:
-                    left.append((process, value, key))
-            while time.monotonic() < deadline:
-                if (await self.read(session, self.clients)).type == "ok":
-                    break
-                await asyncio.sleep(0.2)
-        return len(left)
+                outcome = await _until(deadline, _unknown, self._add, client, process, value, key)
+                left += outcome is None or _unknown(outcome)
+            await _until(deadline, _not_ok, self.read, client, self.clients)
+        return left
+
+
+async def _exchange(
+    client: httpx.AsyncClient, method: str, url: str, timeout: float, **kwargs: Any
+) -> tuple[int, bytes]:
+    """One request and its whole answer within ``timeout`` seconds: (status,
+    body).  ``TimeoutError`` or ``httpx.RequestError`` (``_ERRORS``) if not."""
+    async with asyncio.timeout(timeout):
+        r = await client.request(method, url, timeout=timeout, **kwargs)
+    return r.status_code, r.content
+
+
+def _unknown(outcome: str) -> bool:
+    return outcome == "info"
+
+
+def _not_ok(op: Op) -> bool:
+    return op.type != "ok"
+
+
+def _last_outcome(state: RetryCallState) -> Any:
+    """What the last attempt returned (the retries gave up on it)."""
+    assert state.outcome is not None
+    return state.outcome.result()
+
+
+async def _until(
+    deadline: float, again: Callable[[T], bool], attempt: Callable[..., Awaitable[T]],
+    *args: Any,
+) -> T | None:  # fmt: skip
+    """``attempt(*args)`` every ``SETTLE_PAUSE`` s while ``again(result)``, no
+    attempt starting after ``deadline`` (monotonic); the last result (None:
+    the deadline had passed, nothing was attempted)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return None
+    retrying = AsyncRetrying(
+        retry=retry_if_result(again), wait=wait_fixed(SETTLE_PAUSE),
+        stop=stop_before_delay(left), retry_error_callback=_last_outcome,
+    )  # fmt: skip
+    result: T = await retrying(attempt, *args)
+    return result
 
 
 def _json(body: bytes) -> Any:

@@ -1,10 +1,10 @@
 """A writer process to kill: concurrent writers that log every attempt and ack.
 
-``python -m keepcount.writer --store URL --node ID`` opens a registry, reports
+``python tests/system/writer.py --store URL --node ID`` opens a registry, reports
 what it restored, then runs concurrent writers (asyncio tasks or threads).
 Each writer, in a loop, logs ``try``, increments its counter by a random
 amount and observes that amount in its histogram, commits, and logs ``ack``.
-``keepcount demo`` and the crash tests SIGKILL it at random moments and hold
+The crash tests (``test_crash.py``) SIGKILL it at random moments and hold
 the restored values against the log:
 
     acknowledged  <=  restored  <=  attempted        (per series, cumulative)
@@ -20,7 +20,8 @@ the writer could report.  Lines:
     try WRITER AMOUNT | ack WRITER AMOUNT | fail WRITER AMOUNT CODE
     done
 
-The parent side (``WriterProcess``, ``Tally``) lives here too.
+The parent side (``WriterProcess``, ``Tally``) lives here too.  Test code,
+not part of the package (it was ``keepcount.writer``).
 """
 
 from __future__ import annotations
@@ -30,14 +31,15 @@ import asyncio
 import os
 import random
 import signal
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import keepcount
+from keepcount.process import ManagedProcess
 
 __all__ = ["COUNTER", "HISTOGRAM", "Tally", "WriterProcess", "main"]
 
@@ -55,7 +57,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m keepcount.writer")
+    p = argparse.ArgumentParser(prog="python writer.py")
     p.add_argument("--store", required=True)
     p.add_argument("--node", required=True)
     p.add_argument("--writers", type=int, default=8)
@@ -180,29 +182,30 @@ class Tally:
 
 
 class WriterProcess:
-    """One run of ``python -m keepcount.writer`` and its log, read line by line."""
+    """One run of this file as a child process (a ``ManagedProcess``) and its
+    log, read line by line from its stdout."""
 
     def __init__(self, store: str, node: str, *, writers: int = 8, mode: str = "async",
                  seconds: float = 30.0, seed: int | None = None, pause: float = 0.0) -> None:  # fmt: skip
-        cmd = [sys.executable, "-m", "keepcount.writer", "--store", store, "--node", node,
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--store", store, "--node", node,
                "--writers", str(writers), "--mode", mode, "--seconds", str(seconds),
                "--pause", str(pause)]  # fmt: skip
         if seed is not None:
             cmd += ["--seed", str(seed)]
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
-        )
+        self.process = ManagedProcess(f"writer {node}")
+        self.process.spawn(cmd, capture=True)
+        self.proc = self.process.proc
         self.restored: dict[str, tuple[int, int]] = {}
         self.epoch: int | None = None
         self.stderr = ""
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.process.pid
 
     def lines(self) -> Iterator[str]:
         """Every line until EOF (the process exited or was killed)."""
-        assert self.proc.stdout is not None
+        assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
             parts = line.split()
             if parts and parts[0] == "restored":
@@ -212,12 +215,13 @@ class WriterProcess:
             yield line
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+        """Send ``sig`` if it still runs; returns at once (see ``wait``)."""
+        self.process.signal(sig)
 
     def wait(self, timeout: float = 30.0) -> int:
-        code = self.proc.wait(timeout)
-        assert self.proc.stderr is not None
+        """Its exit status, once it exited; its stderr is then in ``stderr``."""
+        code = self.process.wait(timeout)
+        assert self.proc is not None and self.proc.stderr is not None
         self.stderr = self.proc.stderr.read()
         self.proc.stderr.close()
         if self.proc.stdout is not None:

@@ -1,0 +1,288 @@
+# ruff: noqa: S608 - CQL names only the keyspace, which parse_url limits to [a-z0-9_]
+"""Opening a Cassandra store: its URL, the driver's session, the keyspace and
+its schema, the prepared statements, and driver errors translated at the seam.
+
+The layout and the reasons behind it are in ``keepcount.stores.cassandra``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from typing import Any
+from urllib.parse import urlsplit
+
+from keepcount.errors import (
+    CorruptStore,
+    InvalidInput,
+    KeepcountError,
+    OutcomeUnknown,
+    StoreUnavailable,
+)
+
+__all__ = [
+    "DEFAULT_PORT",
+    "DEFAULT_REPLICATION",
+    "FORMAT_VERSION",
+    "REQUEST_TIMEOUT",
+    "Statements",
+    "connect",
+    "parse_url",
+    "translate",
+]
+
+log = logging.getLogger("keepcount.stores.cassandra")
+
+FORMAT_VERSION = 1
+DEFAULT_PORT = 9042
+DEFAULT_REPLICATION = 3
+REQUEST_TIMEOUT = 10.0
+"""Client-side seconds per request; the server's own write timeout (2 s by
+default) answers first, as a ``WriteTimeout``: outcome unknown."""
+
+_KEYSPACE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
+_INSTALL = "pip install 'keepcount[cassandra]'  (or: scripts/setup.sh)"
+
+
+def parse_url(url: str) -> tuple[list[tuple[str, int]], str]:
+    """``cassandra://h1,h2:9043,h3/keyspace`` -> ([(host, port), ...], keyspace)."""
+    parts = urlsplit(url)
+    if parts.scheme != "cassandra":
+        raise InvalidInput(f"not a Cassandra store URL: {url!r}")
+    keyspace = parts.path.strip("/")
+    if not _KEYSPACE.fullmatch(keyspace):
+        raise InvalidInput(
+            f"store URL {url!r} needs a keyspace name (letters, digits, _), "
+            "e.g. cassandra://10.0.0.1,10.0.0.2,10.0.0.3/counters"
+        )
+    if len(keyspace) > 48:
+        raise InvalidInput(f"keyspace name {keyspace!r} is longer than 48 characters")
+    hosts: list[tuple[str, int]] = []
+    for item in parts.netloc.split(","):
+        host, sep, port = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "")
+        if not host or (sep and not port.isdigit()):
+            raise InvalidInput(f"store URL {url!r}: bad host {item!r} (expected host[:port])")
+        hosts.append((host, int(port) if sep else DEFAULT_PORT))
+    if parts.query:
+        raise InvalidInput(f"store URL {url!r}: query options are not supported")
+    return hosts, keyspace.lower()
+
+
+def _driver() -> Any:
+    try:
+        import cassandra.cluster
+    except ImportError:  # pragma: no cover - depends on the installation
+        raise InvalidInput(f"the Cassandra store needs cassandra-driver: {_INSTALL}") from None
+    return cassandra.cluster
+
+
+def connect(
+    url: str, hosts: list[tuple[str, int]], ks: str, replication: int | None
+) -> tuple[Any, Any, Statements]:
+    """(the driver's ``Cluster``, a session, its ``Statements``) for a
+    keepcount keyspace ``ks`` on ``hosts``, ``setup`` first: QUORUM reads and
+    writes, SERIAL for lightweight transactions, and no driver retries
+    (errors are ``translate``d by the store).  The cluster is shut down
+    again if anything fails."""
+    driver = _driver()
+    from cassandra import ConsistencyLevel
+    from cassandra.policies import FallthroughRetryPolicy, RoundRobinPolicy
+
+    profile = driver.ExecutionProfile(
+        load_balancing_policy=RoundRobinPolicy(),
+        retry_policy=FallthroughRetryPolicy(),  # errors are ours to translate
+        consistency_level=ConsistencyLevel.QUORUM,
+        serial_consistency_level=ConsistencyLevel.SERIAL,
+        request_timeout=REQUEST_TIMEOUT,
+    )
+    ports = {p for _, p in hosts}
+    kwargs: dict[str, Any] = {
+        "contact_points": [h for h, _ in hosts],
+        "port": ports.pop() if len(ports) == 1 else DEFAULT_PORT,
+        "execution_profiles": {driver.EXEC_PROFILE_DEFAULT: profile},
+        "protocol_version": 5,
+        "connect_timeout": 5,
+        "control_connection_timeout": 5,
+    }
+    if len(ports) > 0:  # several ports: one (host, port) pair each
+        kwargs["contact_points"] = hosts
+        del kwargs["port"]
+    connection_class = _connection_class()
+    if connection_class is not None:
+        kwargs["connection_class"] = connection_class
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        cluster = driver.Cluster(**kwargs)
+    try:
+        session = cluster.connect()
+        setup(session, url, ks, replication)
+        return cluster, session, Statements(session, ks)
+    except BaseException as exc:
+        cluster.shutdown()
+        if isinstance(exc, KeepcountError):
+            raise
+        raise translate(exc, f"store {url}: cannot open") from exc
+
+
+def setup(session: Any, url: str, ks: str, replication: int | None) -> None:
+    """Create keyspace ``ks`` and its tables if missing (``replication``
+    None: RF=3, or the cluster's size if smaller) and check that it is a
+    keepcount store of this ``FORMAT_VERSION`` (``CorruptStore`` if not)."""
+    s = session
+    existing = s.execute(
+        "SELECT keyspace_name FROM system_schema.keyspaces WHERE keyspace_name = %s", (ks,)
+    ).one()
+    if existing is None:
+        if replication is None:
+            peers = len(list(s.execute("SELECT peer FROM system.peers")))
+            replication = min(DEFAULT_REPLICATION, peers + 1)
+        if replication < DEFAULT_REPLICATION:
+            log.warning(
+                "keyspace %s: replication factor %d (a %d-node cluster); "
+                "acknowledged increments survive the loss of a node only with RF=3",
+                ks, replication, replication,
+            )  # fmt: skip
+        s.execute(
+            f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = "
+            f"{{'class': 'SimpleStrategy', 'replication_factor': {replication}}}"
+        )
+    for stmt in _SCHEMA:
+        s.execute(stmt.format(ks=ks))
+    meta = dict(s.execute(f"SELECT name, val FROM {ks}.meta"))
+    if "format" not in meta or "format_version" not in meta:
+        # A new store: marked with lightweight transactions, so concurrent
+        # first opens agree.  Not at every open: processes opening at once
+        # (a host's workers starting) contend on them, and some would fail
+        # ("CAS operation result is unknown").
+        s.execute(f"INSERT INTO {ks}.meta (name, val) VALUES ('format', 'keepcount') IF NOT EXISTS")
+        s.execute(
+            f"INSERT INTO {ks}.meta (name, val) VALUES ('format_version', %s) IF NOT EXISTS",
+            (str(FORMAT_VERSION),),
+        )
+        meta = dict(s.execute(f"SELECT name, val FROM {ks}.meta"))
+    if meta.get("format") != "keepcount":
+        raise CorruptStore(f"store {url}: keyspace {ks} is not a keepcount store")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise CorruptStore(
+            f"store {url}: format version {meta.get('format_version')}; "
+            f"this keepcount reads version {FORMAT_VERSION}"
+        )
+
+
+class Statements:
+    """Every statement the store runs, prepared once on keyspace ``ks``."""
+
+    def __init__(self, session: Any, ks: str) -> None:
+        p = session.prepare
+        self.node = p(
+            f"SELECT epoch, incarnation, released_at, pid, host FROM {ks}.nodes WHERE node = ?"
+        )
+        self.claim_new = p(
+            f"INSERT INTO {ks}.nodes (node, epoch, incarnation, claimed_at, released_at, pid, host) "
+            "VALUES (?, ?, ?, ?, null, ?, ?) IF NOT EXISTS"
+        )
+        self.claim = p(
+            f"UPDATE {ks}.nodes SET epoch = ?, incarnation = ?, claimed_at = ?, released_at = null, "
+            "pid = ?, host = ? WHERE node = ? IF incarnation = ?"
+        )
+        self.release = p(f"UPDATE {ks}.nodes SET released_at = ? WHERE node = ? IF epoch = ?")
+        self.rows = p(
+            "SELECT name, labels, ival, sval, created, kind, help, labelnames, buckets, "
+            f"fingerprint, result, key_token, expires FROM {ks}.node_rows WHERE node = ?"
+        )
+        self.rows_named = p(
+            "SELECT name, labels, ival, sval, kind, help, labelnames, buckets "
+            f"FROM {ks}.node_rows WHERE node = ? AND name = ?"
+        )
+        self.created = p(f"SELECT name, labels, created FROM {ks}.node_rows WHERE node = ?")
+        self.series_i = p(
+            f"INSERT INTO {ks}.node_rows (node, name, labels, ival) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+        )
+        self.series_s = p(
+            f"INSERT INTO {ks}.node_rows (node, name, labels, sval) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+        )
+        self.created_w = p(
+            f"UPDATE {ks}.node_rows USING TIMESTAMP ? SET created = ? "
+            "WHERE node = ? AND name = ? AND labels = ?"
+        )
+        self.family = p(
+            f"INSERT INTO {ks}.node_rows (node, name, labels, kind, help, labelnames, buckets) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        )
+        self.key = p(
+            f"INSERT INTO {ks}.node_rows (node, name, labels, fingerprint, result, key_token, expires) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ? AND TIMESTAMP ?"
+        )
+        self.row_all = p(
+            f"INSERT INTO {ks}.node_rows (node, name, labels, ival, sval, created, kind, help, "
+            "labelnames, buckets, fingerprint, result, key_token, expires) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ? AND TIMESTAMP ?"
+        )
+        self.tombstone = p(f"DELETE FROM {ks}.node_rows USING TIMESTAMP ? WHERE node = ?")
+        self.key_row = p(
+            f"SELECT fingerprint, result, key_token, expires FROM {ks}.node_rows "
+            "WHERE node = ? AND name = '' AND labels = ?"
+        )
+        self.own = p(
+            f"INSERT INTO {ks}.key_owner (idem_key, node, incarnation, key_token) VALUES (?, ?, ?, ?) "
+            "IF NOT EXISTS USING TTL ?"
+        )
+        self.take = p(
+            f"UPDATE {ks}.key_owner USING TTL ? SET node = ?, incarnation = ?, key_token = ? "
+            "WHERE idem_key = ? IF key_token = ?"
+        )
+        self.owner = p(
+            f"SELECT node, incarnation, key_token FROM {ks}.key_owner WHERE idem_key = ?"
+        )
+        self.nodes = p(f"SELECT node, epoch, claimed_at, released_at FROM {ks}.nodes")
+
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS {ks}.meta (name text PRIMARY KEY, val text)",
+    "CREATE TABLE IF NOT EXISTS {ks}.nodes (node text PRIMARY KEY, epoch bigint, "
+    "incarnation bigint, claimed_at double, released_at double, pid int, host text)",
+    "CREATE TABLE IF NOT EXISTS {ks}.node_rows (node text, name text, labels text, ival bigint, "
+    "sval text, created double, kind text, help text, labelnames text, buckets text, "
+    "fingerprint text, result text, key_token text, expires double, "
+    "PRIMARY KEY (node, name, labels))",
+    "CREATE TABLE IF NOT EXISTS {ks}.key_owner (idem_key text PRIMARY KEY, node text, "
+    "incarnation bigint, key_token text)",
+)
+
+
+def _connection_class() -> Any:
+    """The driver's reactor: libev when its extension is built (no warnings),
+    else asyncio (asyncore, the driver's fallback, is deprecated in 3.11)."""
+    try:
+        from cassandra.io.libevreactor import LibevConnection
+
+        return LibevConnection
+    except ImportError:
+        pass
+    try:
+        from cassandra.io.asyncioreactor import AsyncioConnection
+
+        return AsyncioConnection
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def translate(exc: BaseException, context: str, *, write: bool = False) -> KeepcountError:
+    """Driver errors -> keepcount errors (DESIGN: translated at the seam)."""
+    import cassandra
+    from cassandra.cluster import NoHostAvailable
+
+    name = type(exc).__name__
+    if isinstance(
+        exc, cassandra.WriteTimeout | cassandra.WriteFailure | cassandra.OperationTimedOut
+    ):
+        if write or isinstance(exc, cassandra.WriteTimeout | cassandra.WriteFailure):
+            return OutcomeUnknown(f"{context}: {name} ({exc}); outcome unknown, not acknowledged")
+        return StoreUnavailable(f"{context}: {name} ({exc})")
+    if isinstance(exc, cassandra.Unavailable | NoHostAvailable | cassandra.ReadTimeout
+                  | cassandra.ReadFailure | cassandra.CoordinationFailure | OSError):  # fmt: skip
+        return StoreUnavailable(f"{context}: {name} ({exc})")
+    if isinstance(exc, cassandra.InvalidRequest):
+        return CorruptStore(f"{context}: the keyspace does not match keepcount's schema ({exc})")
+    return StoreUnavailable(f"{context}: {name} ({exc})")
