@@ -21,7 +21,7 @@ from pathlib import Path
 
 import keepcount
 from keepcount.bench import redis
-from keepcount.bench.measure import interleave, median, percentile
+from keepcount.bench.measure import interleave, latency_comparisons, median, percentile
 from keepcount.bench.result import BenchError, BenchResult, Comparison, Report, Settings, Target
 from keepcount.metrics import CounterChild
 
@@ -103,20 +103,7 @@ def run(settings: Settings, report: Report) -> BenchResult:
             {"keepcount_runs": a, "redis_runs": b},
             f"{ops / flushes:.1f} increments per flush (fsync)" if flushes else "",
         ),
-        Comparison(
-            "latency p50",
-            "ms",
-            median([r.p50_ms for r in ours]),
-            median([r.p50_ms for r in peer]),
-            peer_name,
-        ),
-        Comparison(
-            "latency p99",
-            "ms",
-            median([r.p99_ms for r in ours]),
-            median([r.p99_ms for r in peer]),
-            peer_name,
-        ),
+        *latency_comparisons(ours, peer, peer_name),
     ]
     result.notes = {
         "writers": WRITERS,

@@ -27,7 +27,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from keepcount.bench.measure import median
+from keepcount.bench.measure import latency_comparisons, median
 from keepcount.bench.result import BenchError, BenchResult, Comparison, Report, Settings, Target
 from keepcount.bench.wrk import WrkRun, require_wrk, run_wrk
 from keepcount.nodeproc import NodeProcess, free_port, http_get
@@ -162,20 +162,7 @@ def run(settings: Settings, report: Report) -> BenchResult:
             TARGET,
             {"keepcount_runs": [r.per_s for r in ours], "noop_runs": [r.per_s for r in peer]},
         ),
-        Comparison(
-            "latency p50",
-            "ms",
-            median([r.p50_ms for r in ours]),
-            median([r.p50_ms for r in peer]),
-            peer_name,
-        ),
-        Comparison(
-            "latency p99",
-            "ms",
-            median([r.p99_ms for r in ours]),
-            median([r.p99_ms for r in peer]),
-            peer_name,
-        ),
+        *latency_comparisons(ours, peer, peer_name),
         Comparison(
             "keyed increments/s (unique Idempotency-Key each)",
             "ops/s",

@@ -12,8 +12,9 @@ import math
 import statistics
 import timeit
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
-from keepcount.bench.result import Report
+from keepcount.bench.result import Comparison, Report
 
 __all__ = ["interleave", "median", "percentile", "progress", "timeit_loops", "timeit_sampler"]
 
@@ -73,3 +74,26 @@ def timeit_loops(timer: timeit.Timer, seconds: float) -> int:
     probe = 2000
     per_op = max(timer.timeit(probe) / probe, 1e-9)
     return max(1000, min(5_000_000, int(seconds / per_op)))
+
+
+class _Run(Protocol):
+    @property
+    def p50_ms(self) -> float: ...
+    @property
+    def p99_ms(self) -> float: ...
+
+
+def latency_comparisons(
+    ours: Sequence[_Run], peer: Sequence[_Run], peer_name: str
+) -> list[Comparison]:
+    """``latency p50`` and ``latency p99``: the medians over the runs of each side."""
+    return [
+        Comparison(
+            f"latency {q}",
+            "ms",
+            median([getattr(r, f"{q}_ms") for r in ours]),
+            median([getattr(r, f"{q}_ms") for r in peer]),
+            peer_name,
+        )
+        for q in ("p50", "p99")
+    ]

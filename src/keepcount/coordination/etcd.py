@@ -51,7 +51,6 @@ import grpc.aio  # type: ignore[import-untyped]
 from aetcd import rpc  # type: ignore[import-untyped]
 from tenacity import wait_fixed
 
-from keepcount.coordination import CoordinatorURL
 from keepcount.coordination.base import (
     DEFAULT_TTL,
     ClaimState,
@@ -71,6 +70,7 @@ from keepcount.coordination.etcd_channel import (
     status_code,
 )
 from keepcount.coordination.etcd_members import EtcdWatch, list_members, member_of
+from keepcount.coordination.urls import CoordinatorURL
 from keepcount.errors import ClaimConflict, CoordinatorUnavailable
 from keepcount.naming import check_node_id
 

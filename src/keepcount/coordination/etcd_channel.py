@@ -54,7 +54,7 @@ from tenacity import (
 from tenacity.stop import StopBaseT
 from tenacity.wait import WaitBaseT
 
-from keepcount.coordination import CoordinatorURL
+from keepcount.coordination.urls import CoordinatorURL
 from keepcount.errors import CoordinatorUnavailable, InvalidInput
 
 __all__ = ["TRANSIENT", "EtcdChannel", "Interrupted", "call", "check_not_forked"]

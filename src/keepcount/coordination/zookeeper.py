@@ -63,7 +63,6 @@ from kazoo.exceptions import (  # type: ignore[import-untyped]
 from kazoo.handlers.threading import KazooTimeoutError  # type: ignore[import-untyped]
 from tenacity import Retrying, before_sleep_log, retry_if_exception_type
 
-from keepcount.coordination import CoordinatorURL
 from keepcount.coordination.base import (
     DEFAULT_TTL,
     ClaimState,
@@ -76,6 +75,7 @@ from keepcount.coordination.base import (
     encode_info,
     renew_interval,
 )
+from keepcount.coordination.urls import CoordinatorURL
 from keepcount.coordination.zookeeper_watch import ZooKeeperWatch
 from keepcount.errors import ClaimConflict, CoordinatorUnavailable
 from keepcount.naming import check_node_id

@@ -61,6 +61,31 @@ class _Durable:
     _family: Any  # PromFamily; None only inside __init__
     _labelnames: tuple[str, ...]
 
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Iterable[str] = (),
+        namespace: str = "",
+        subsystem: str = "",
+        unit: str = "",
+        registry: _PCRegistry | None = REGISTRY,
+        _labelvalues: Sequence[str] | None = None,
+        *extra: Any,
+        _family: PromFamily | None = None,
+        **kw: Any,
+    ) -> None:
+        """prometheus_client's signature (``extra``/``kw``: a gauge's
+        ``multiprocess_mode``, a histogram's ``buckets``, an enum's
+        ``states``); ``_family`` is given to the children of a parent."""
+        self._family = _family
+        super().__init__(  # type: ignore[call-arg]
+            name, documentation, labelnames, namespace, subsystem, unit, registry, _labelvalues,
+            *extra, **kw,
+        )  # fmt: skip
+        if _family is None:
+            _attach(self, registry)
+
     def labels(self, *labelvalues: Any, **labelkwargs: Any) -> Any:
         """The child of a label set (prometheus_client's ``labels()``).
 
@@ -107,26 +132,6 @@ class _Durable:
 class Counter(_Durable, _pc.Counter):
     __doc__ = _pc.Counter.__doc__
 
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Iterable[str] = (),
-        namespace: str = "",
-        subsystem: str = "",
-        unit: str = "",
-        registry: _PCRegistry | None = REGISTRY,
-        _labelvalues: Sequence[str] | None = None,
-        *,
-        _family: PromFamily | None = None,
-    ) -> None:
-        self._family = _family
-        super().__init__(
-            name, documentation, labelnames, namespace, subsystem, unit, registry, _labelvalues
-        )
-        if _family is None:
-            _attach(self, registry)
-
     def _metric_init(self) -> None:
         if self._family is not None:
             self._series = self._value = self._family.child(self._labelvalues)
@@ -159,28 +164,6 @@ class Counter(_Durable, _pc.Counter):
 class Gauge(_Durable, _pc.Gauge):
     __doc__ = _pc.Gauge.__doc__
     _function = None
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Iterable[str] = (),
-        namespace: str = "",
-        subsystem: str = "",
-        unit: str = "",
-        registry: _PCRegistry | None = REGISTRY,
-        _labelvalues: Sequence[str] | None = None,
-        multiprocess_mode: str = "all",
-        *,
-        _family: PromFamily | None = None,
-    ) -> None:
-        self._family = _family
-        super().__init__(
-            name, documentation, labelnames, namespace, subsystem, unit, registry, _labelvalues,
-            multiprocess_mode,  # type: ignore[arg-type]
-        )  # fmt: skip
-        if _family is None:
-            _attach(self, registry)
 
     def _metric_init(self) -> None:
         if self._family is not None:
@@ -227,26 +210,6 @@ class Gauge(_Durable, _pc.Gauge):
 class Summary(_Durable, _pc.Summary):
     __doc__ = _pc.Summary.__doc__
 
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Iterable[str] = (),
-        namespace: str = "",
-        subsystem: str = "",
-        unit: str = "",
-        registry: _PCRegistry | None = REGISTRY,
-        _labelvalues: Sequence[str] | None = None,
-        *,
-        _family: PromFamily | None = None,
-    ) -> None:
-        self._family = _family
-        super().__init__(
-            name, documentation, labelnames, namespace, subsystem, unit, registry, _labelvalues
-        )
-        if _family is None:
-            _attach(self, registry)
-
     def _metric_init(self) -> None:
         if self._family is not None:
             self._series = self._family.child(self._labelvalues)
@@ -270,28 +233,6 @@ class Summary(_Durable, _pc.Summary):
 
 class Histogram(_Durable, _pc.Histogram):
     __doc__ = _pc.Histogram.__doc__
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Iterable[str] = (),
-        namespace: str = "",
-        subsystem: str = "",
-        unit: str = "",
-        registry: _PCRegistry | None = REGISTRY,
-        _labelvalues: Sequence[str] | None = None,
-        buckets: Sequence[float | str] = _pc.Histogram.DEFAULT_BUCKETS,
-        *,
-        _family: PromFamily | None = None,
-    ) -> None:
-        self._family = _family
-        super().__init__(
-            name, documentation, labelnames, namespace, subsystem, unit, registry, _labelvalues,
-            buckets,
-        )  # fmt: skip
-        if _family is None:
-            _attach(self, registry)
 
     def _prepare_buckets(self, source_buckets: Sequence[float | str]) -> None:
         super()._prepare_buckets(source_buckets)
@@ -343,26 +284,6 @@ class Histogram(_Durable, _pc.Histogram):
 class Info(_Durable, _pc.Info):
     __doc__ = _pc.Info.__doc__
 
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Iterable[str] = (),
-        namespace: str = "",
-        subsystem: str = "",
-        unit: str = "",
-        registry: _PCRegistry | None = REGISTRY,
-        _labelvalues: Sequence[str] | None = None,
-        *,
-        _family: PromFamily | None = None,
-    ) -> None:
-        self._family = _family
-        super().__init__(
-            name, documentation, labelnames, namespace, subsystem, unit, registry, _labelvalues
-        )
-        if _family is None:
-            _attach(self, registry)
-
     def _metric_init(self) -> None:
         if self._family is not None:
             self._labelname_set = set(self._labelnames)
@@ -384,28 +305,6 @@ class Info(_Durable, _pc.Info):
 
 class Enum(_Durable, _pc.Enum):
     __doc__ = _pc.Enum.__doc__
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str] = (),
-        namespace: str = "",
-        subsystem: str = "",
-        unit: str = "",
-        registry: _PCRegistry | None = REGISTRY,
-        _labelvalues: Sequence[str] | None = None,
-        states: Sequence[str] | None = None,
-        *,
-        _family: PromFamily | None = None,
-    ) -> None:
-        self._family = _family
-        super().__init__(
-            name, documentation, labelnames, namespace, subsystem, unit, registry, _labelvalues,
-            states,
-        )  # fmt: skip
-        if _family is None:
-            _attach(self, registry)
 
     def _metric_init(self) -> None:
         if self._family is not None:
