@@ -4,7 +4,7 @@ Used by the system tests, the benchmarks and the cluster's supervisor.  A
 ``keepcount.process.ManagedProcess``: its exit is awaited (``wait``,
 ``await exited()``), its readiness by polling ``/readyz`` against a deadline,
 never by a fixed sleep.  ``http_request`` / ``http_get`` are the tooling's
-plain-HTTP calls to loopback servers (httpx).
+plain-HTTP calls to loopback servers (``keepcount.httpclient``).
 
 Example::
 
@@ -17,15 +17,13 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import random
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import httpx
-
+from keepcount import httpclient
 from keepcount.process import ManagedProcess
 
 __all__ = ["NodeProcess", "free_port", "http_get", "http_request"]
@@ -71,18 +69,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     return picked
 
 
-@functools.cache
-def _loopback() -> httpx.Client:
-    """The client of ``http_request``: plain HTTP only (no TLS context to
-    build), no proxies from the environment, a fresh connection per request
-    (a killed server leaves no stale pooled connection behind)."""
-    return httpx.Client(
-        verify=False,  # noqa: S501 - plain http to loopback: no certificate, no TLS context to load
-        trust_env=False,
-        limits=httpx.Limits(max_keepalive_connections=0),
-    )
-
-
 def http_request(
     method: str,
     host: str,
@@ -93,14 +79,11 @@ def http_request(
     headers: dict[str, str] | None = None,
 ) -> tuple[int, bytes]:
     """One plain-HTTP request to ``host:port``; (status, body) whatever the
-    status.  Raises ``OSError`` if nothing answers (refused, reset, timed out)."""
-    try:
-        resp = _loopback().request(
-            method, f"http://{host}:{port}{path}", content=body, headers=headers, timeout=timeout
-        )
-    except httpx.TransportError as exc:
-        raise OSError(f"{method} http://{host}:{port}{path}: {exc!r}") from exc
-    return resp.status_code, resp.content
+    status.  Raises ``OSError`` if nothing answers (refused, reset, timed out:
+    ``keepcount.httpclient.request``)."""
+    return httpclient.request(
+        method, f"http://{host}:{port}{path}", body=body, headers=headers, timeout=timeout
+    )
 
 
 def http_get(host: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:

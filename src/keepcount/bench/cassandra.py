@@ -237,7 +237,7 @@ def _restore(url: str, n: int) -> dict[str, Any]:
         restored = reg.restored_series
         store: Any = reg.store
         started = time.perf_counter()
-        rows = list(store._session.execute(store._q_rows, (node,)))
+        rows = list(store._session.execute(store._q.rows, (node,)))
         bare_s = time.perf_counter() - started
     finally:
         reg.close()

@@ -18,13 +18,14 @@ is ready again and ``duration`` more seconds passed.  For every kill:
   (target >= (N-1)/N).
 
 At the end the clients' tally must equal the cluster's totals, or the
-benchmark fails.  The load generator is Python (httpx): it, not the
+benchmark fails.  The load generator is Python (aiohttp): it, not the
 cluster, bounds the steady throughput, which is what the ratio needs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import tempfile
 import time
@@ -39,6 +40,8 @@ NODES = 3
 CLIENTS = 16
 _NAME = "bench_failover_total"
 _LABELS = [{"shop": s} for s in ("a", "b", "c", "d")]
+TOTALS_TIMEOUT = 60.0
+"""Seconds the final read of the cluster totals may take (the session's deadline)."""
 
 
 def run(settings: Settings, report: Report) -> BenchResult:
@@ -63,7 +66,8 @@ async def _measure(
     from keepcount.cluster.faults import FaultError, kill, until
     from keepcount.cluster.spec import ClusterSpec
     from keepcount.cluster.supervisor import Supervisor
-    from keepcount.cluster.workload import KeyedLoad, labels_key, load_client
+    from keepcount.cluster.workload import KeyedLoad, labels_key
+    from keepcount.httpclient import exchange, new_session
 
     total = 2 * (kills + 1)
     report(offset, total, f"failover: starting a cluster behind {lb}")
@@ -76,8 +80,8 @@ async def _measure(
     faults = []
     try:
         await until(sup.ready.is_set, sup_task, 120, "the cluster did not start")
-        async with load_client() as client:  # for the totals (the load has its own)
-            load_task = asyncio.create_task(load.run(stop))
+        async with new_session(timeout=TOTALS_TIMEOUT) as session:
+            load_task = asyncio.create_task(load.run(session, stop))
             await asyncio.sleep(1.0)  # warm-up: connections, first declarations
             steady_start = time.time()
             await asyncio.sleep(steady)
@@ -89,8 +93,8 @@ async def _measure(
                 await asyncio.sleep(steady)
             stop.set()
             await asyncio.wait_for(load_task, 120)
-            r = await client.get(f"{spec.lb_url}/v1/cluster/counters/{_NAME}", timeout=60.0)
-            body = r.json()
+            _, raw = await exchange(session, "GET", f"{spec.lb_url}/v1/cluster/counters/{_NAME}")
+            body = json.loads(raw)
         totals = {labels_key(c["labels"]): c["value"] for c in body["counters"]}
     except FaultError as exc:
         raise BenchError(f"failover ({lb}): {exc}") from None

@@ -43,8 +43,6 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from keepcount.bench.measure import median
 from keepcount.bench.result import BenchError, BenchResult, Comparison, Report, Settings, Target
 from keepcount.bench.workers_server import BODY, METRICS_PATH, ROUTE, THREADS, Server
@@ -112,7 +110,7 @@ def _send(server: Server, requests: int, clients: int = 4) -> tuple[int, int]:
         for _ in range(n):
             try:
                 status, _body = server.request("POST", ROUTE)
-            except httpx.TransportError:
+            except OSError:
                 bad += 1
                 continue
             ok, bad = (ok + 1, bad) if status == 200 else (ok, bad + 1)

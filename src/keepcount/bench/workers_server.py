@@ -4,7 +4,7 @@
 of ``workers_app`` with one metrics backend, in a process group of its own,
 so that ``kill_group`` SIGKILLs the master and every worker at once (the
 crash check) and returns only once all of them are dead.  Its HTTP calls go
-through one ``httpx.Client`` (``request``; thread-safe, one connection per
+through ``keepcount.httpclient.request`` (thread-safe, one connection per
 request, as a fresh client would open); waits are ``tenacity`` polls.
 """
 
@@ -17,7 +17,6 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 from tenacity import (
     RetryError,
     Retrying,
@@ -27,6 +26,7 @@ from tenacity import (
     wait_fixed,
 )
 
+from keepcount import httpclient
 from keepcount.bench.result import BenchError
 from keepcount.nodeproc import free_port
 
@@ -49,10 +49,9 @@ _REQUEST_TIMEOUT = 30.0
 
 def _until(check: Callable[[], bool], seconds: float, every: float) -> bool:
     """``check()`` every ``every`` s until it is true (True) or ``seconds``
-    passed (False); an HTTP transport error counts as not yet."""
+    passed (False); no answer (an ``OSError``) counts as not yet."""
     retrying = Retrying(
-        retry=retry_if_result(lambda done: not done)
-        | retry_if_exception_type(httpx.TransportError),
+        retry=retry_if_result(lambda done: not done) | retry_if_exception_type(OSError),
         wait=wait_fixed(every),
         stop=stop_after_delay(seconds),
     )
@@ -75,7 +74,6 @@ class Server:
         self.gunicorn = gunicorn
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self._http: httpx.Client | None = None
         self.log = work / "gunicorn.log"
         self.mp_dir = work / "multiproc"
         work.mkdir(parents=True, exist_ok=True)
@@ -138,19 +136,14 @@ class Server:
     def request(
         self, method: str, path: str, timeout: float = _REQUEST_TIMEOUT
     ) -> tuple[int, bytes]:
-        """One request (a POST sends ``BODY``): (status, body).
-        ``httpx.TransportError`` if the server did not answer."""
-        if self._http is None:
-            # No keep-alive: each request opens its own connection, as each
-            # crash-check request did (a sync worker closes it anyway).
-            limits = httpx.Limits(max_keepalive_connections=0)
-            self._http = httpx.Client(base_url=self.url, limits=limits, trust_env=False)
+        """One request (a POST sends ``BODY``): (status, body).  ``OSError``
+        if the server did not answer (``keepcount.httpclient.request``: a
+        connection of its own, as each crash-check request had)."""
         post = method == "POST"
-        r = self._http.request(
-            method, path, content=BODY if post else None, timeout=timeout,
+        return httpclient.request(
+            method, f"{self.url}{path}", body=BODY.encode() if post else None, timeout=timeout,
             headers={"Content-Type": "application/json"} if post else None,
         )  # fmt: skip
-        return r.status_code, r.content
 
     @property
     def name(self) -> str:
@@ -176,9 +169,6 @@ class Server:
 
     def stop(self) -> None:
         """SIGTERM (graceful: keepcount flushes and releases), SIGKILL what is left."""
-        if self._http is not None:
-            self._http.close()
-            self._http = None
         if self.proc is None:
             return
         if self.proc.poll() is None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import click
 
+from keepcount import httpclient
 from keepcount.cluster.spec import (
     BALANCERS,
     CLAIM_TTL_RANGE,
@@ -38,7 +39,6 @@ from keepcount.cluster.spec import (
     ClusterSpec,
 )
 from keepcount.errors import InvalidInput
-from keepcount.nodeproc import http_request
 from keepcount.process import ManagedProcess, ProcessExited, wait_exit
 
 __all__ = ["ClusterClient", "cluster"]
@@ -54,8 +54,7 @@ _dir_option = click.option(
 
 
 class ClusterClient:
-    """The control API of a running cluster's supervisor (over httpx:
-    ``keepcount.nodeproc.http_request``)."""
+    """The control API of a running cluster's supervisor (``keepcount.httpclient``)."""
 
     def __init__(self, directory: Path) -> None:
         self.spec = ClusterSpec.load(directory)
@@ -67,8 +66,8 @@ class ClusterClient:
         data = None if body is None else json.dumps(body).encode()
         spec = self.spec
         try:
-            status, raw = http_request(
-                method, spec.host, spec.api_port, path, data, timeout,
+            status, raw = httpclient.request(
+                method, f"{spec.api_url}{path}", body=data, timeout=timeout,
                 headers={"Content-Type": "application/json"},
             )  # fmt: skip
         except OSError as exc:

@@ -39,7 +39,7 @@ from rich.table import Table
 from keepcount.cli.extras import coordinator_modules, needs_extra, require
 
 if TYPE_CHECKING:
-    import httpx
+    import aiohttp
 
     from keepcount.cluster.faults import Fault
 
@@ -51,6 +51,7 @@ SAMPLE_EVERY = 0.2
 SAMPLE_TIMEOUT = 1.0
 """Seconds a node has to answer a sample (else the sample is skipped)."""
 TOTALS_TIMEOUT = 60.0
+"""Seconds the final read of the cluster totals may take (the session's deadline)."""
 
 
 @dataclass
@@ -101,7 +102,8 @@ async def _demo(
     from keepcount.cluster.faults import FaultError, kill, pause, until
     from keepcount.cluster.spec import ClusterSpec
     from keepcount.cluster.supervisor import Supervisor
-    from keepcount.cluster.workload import KeyedLoad, load_client
+    from keepcount.cluster.workload import KeyedLoad
+    from keepcount.httpclient import new_session
 
     rnd = random.Random(seed)
     cdir = workdir / "cluster"
@@ -144,9 +146,9 @@ async def _demo(
             f"{elapsed()}  [green]cluster ready[/]: load balancer {spec.lb_url}, "
             f"control API {spec.api_url} (`keepcount cluster status --dir {cdir}`)"
         )
-        async with load_client(nodes) as client:  # the sampler's (one per node) and the totals'
-            sampler = asyncio.create_task(_sample(client, sup, samples, stop_sampling))
-            load_task = asyncio.create_task(load.run(stop_load))
+        async with new_session(timeout=TOTALS_TIMEOUT) as session:
+            sampler = asyncio.create_task(_sample(session, sup, samples, stop_sampling))
+            load_task = asyncio.create_task(load.run(session, stop_load))
             console.print(f"{elapsed()}  {clients} clients send keyed increments through {lb}")
             await asyncio.sleep(steady)  # undisturbed load: the steady-state baseline
             victims = [spec.nodes[i % nodes].id for i in rnd.sample(range(nodes), nodes)]
@@ -166,7 +168,7 @@ async def _demo(
             await asyncio.wait_for(load_task, 120)
             stop_sampling.set()
             await sampler
-            totals = await _totals(client, spec.lb_url)
+            totals = await _totals(session, spec.lb_url)
         tally = load.tally()
         keys = sorted(set(tally) | set(totals))
         equal = all(tally.get(k, 0) == totals.get(k, 0) for k in keys)
@@ -206,39 +208,38 @@ async def _demo(
 
 
 async def _sample(
-    client: httpx.AsyncClient, sup: Any, samples: Samples, stop: asyncio.Event
+    session: aiohttp.ClientSession, sup: Any, samples: Samples, stop: asyncio.Event
 ) -> None:
-    import httpx
+    from keepcount.httpclient import exchange
 
     while not stop.is_set():
         for node, ns in sup.nodes.items():
             cur = ns.current
             if cur is None or not cur.ready:
                 continue
+            url = f"{cur.process.url}/v1/counters/{COUNTER}"
             try:
-                async with asyncio.timeout(SAMPLE_TIMEOUT):
-                    r = await client.get(
-                        f"{cur.process.url}/v1/counters/{COUNTER}", timeout=SAMPLE_TIMEOUT
-                    )
-                if r.status_code != 200:
+                status, raw = await exchange(session, "GET", url, timeout=SAMPLE_TIMEOUT)
+                if status != 200:
                     continue
-                body = r.json()
-            except (TimeoutError, httpx.RequestError, ValueError):
+                body = json.loads(raw)
+            except (OSError, ValueError):
                 continue
             value = sum(c["value"] for c in body["counters"])
             samples.points.setdefault(node, []).append((time.time(), value, cur.number))
         await asyncio.sleep(SAMPLE_EVERY)
 
 
-async def _totals(client: httpx.AsyncClient, lb_url: str) -> dict[str, int]:
+async def _totals(session: aiohttp.ClientSession, lb_url: str) -> dict[str, int]:
     from keepcount.cluster.workload import labels_key
+    from keepcount.httpclient import exchange
 
-    r = await client.get(f"{lb_url}/v1/cluster/counters/{COUNTER}", timeout=TOTALS_TIMEOUT)
-    if r.status_code == 404:
+    status, raw = await exchange(session, "GET", f"{lb_url}/v1/cluster/counters/{COUNTER}")
+    if status == 404:
         return {}
-    body = r.json()
-    if r.status_code != 200:
-        raise click.ClickException(f"reading the totals failed: {r.status_code} {body}")
+    body = json.loads(raw)
+    if status != 200:
+        raise click.ClickException(f"reading the totals failed: {status} {body}")
     return {labels_key(c["labels"]): int(c["value"]) for c in body["counters"]}
 
 

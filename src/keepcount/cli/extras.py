@@ -38,7 +38,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "zookeeper": ("kazoo",),
     "cassandra": ("cassandra",),
     "bigtable": ("google.cloud.bigtable",),
-    "cluster": ("aetcd", "grpc", "kazoo", "cassandra", "matplotlib", "aiohttp"),
+    "cluster": ("aetcd", "grpc", "kazoo", "cassandra", "matplotlib"),
 }
 """The top-level modules each extra of ``pyproject.toml`` installs (as far
 as keepcount imports them)."""

@@ -17,9 +17,9 @@ It runs in the supervisor's event loop and reacts to three things:
   nothing, and stops by itself if it ever runs again — and a new incarnation
   starts on the node's *other* slot (its port is still held).
 - **``/readyz``** of each current incarnation, probed every ``PROBE_EVERY``
-  seconds (httpx), for ``status``, the events and the cluster's readiness:
-  ``ready`` is set once every node was ready and the load balancer routes to
-  each of them.
+  seconds (``keepcount.httpclient``), for ``status``, the events and the
+  cluster's readiness: ``ready`` is set once every node was ready and the
+  load balancer routes to each of them.
 
 Every event goes to the supervisor's ``EventLog``.
 """
@@ -35,8 +35,9 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-import httpx
+import aiohttp
 
+from keepcount import httpclient
 from keepcount.cluster.balancer import LoadBalancer
 from keepcount.cluster.events import EventLog, signal_name
 from keepcount.cluster.launcher import Incarnation, Launcher, NodeState
@@ -206,16 +207,12 @@ class FailureDetector:
         """Start every node, set ``ready`` once the cluster is, and keep
         probing until cancelled."""
         self._loop = asyncio.get_running_loop()
-        client = httpx.AsyncClient(
-            verify=False,  # noqa: S501 - plain http to loopback: no TLS context to load
-            trust_env=False,
-            timeout=PROBE_TIMEOUT,
-        )
+        session = httpclient.new_session(timeout=PROBE_TIMEOUT)
         try:
             for ns in self.nodes.values():
                 self._launch(ns)
             for ns in self.nodes.values():
-                self._spawn(self._probe(client, ns), f"keepcount-probe-{ns.spec.id}")
+                self._spawn(self._probe(session, ns), f"keepcount-probe-{ns.spec.id}")
             await apoll_until(
                 lambda: self._cluster_ready(balancer), math.inf, "cluster", interval=READY_POLL
             )
@@ -227,7 +224,7 @@ class FailureDetector:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await client.aclose()
+            await session.close()
 
     async def _cluster_ready(self, balancer: LoadBalancer) -> bool:
         """Every node was ready, and the balancer routes to each one's
@@ -247,23 +244,24 @@ class FailureDetector:
                 return False
         return True
 
-    async def _probe(self, client: httpx.AsyncClient, ns: NodeState) -> None:
+    async def _probe(self, session: aiohttp.ClientSession, ns: NodeState) -> None:
         while not self.stopping:
             inc = ns.current
             if inc is not None and inc.exit_code is None:
-                await self._probe_once(client, ns, inc)
+                await self._probe_once(session, ns, inc)
             await asyncio.sleep(PROBE_EVERY)
 
-    async def _probe_once(self, client: httpx.AsyncClient, ns: NodeState, inc: Incarnation) -> None:
+    async def _probe_once(
+        self, session: aiohttp.ClientSession, ns: NodeState, inc: Incarnation
+    ) -> None:
         url = f"{inc.process.url}/readyz"
         try:
-            async with asyncio.timeout(PROBE_TIMEOUT):
-                resp = await client.get(url)
-            body = json.loads(resp.content)
-            ok = resp.status_code == 200
-        except (TimeoutError, httpx.TransportError, ValueError) as exc:
+            status, raw = await httpclient.exchange(session, "GET", url)
+            body = json.loads(raw)
+            ok = status == 200
+        except (OSError, ValueError) as exc:  # OSError: TimeoutError too (httpclient)
             ok, body = False, {}
-            timed_out = isinstance(exc, TimeoutError | httpx.TimeoutException)
+            timed_out = isinstance(exc, TimeoutError)
             inc.probe = "unresponsive" if timed_out or inc.probe != "starting" else "starting"
         else:
             inc.probe = "ready" if ok else "restoring"

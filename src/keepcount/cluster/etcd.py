@@ -30,13 +30,14 @@ import shutil
 from pathlib import Path
 from typing import Any, Self
 
+from keepcount import httpclient
 from keepcount.cluster.processes import (
     ServerGroup,
     ServerProcess,
     check_ports_free,
     saved_identity,
 )
-from keepcount.nodeproc import free_port, http_request
+from keepcount.nodeproc import free_port
 
 __all__ = ["INSTALL_HINT", "EtcdCluster", "EtcdMember", "etcd_binary"]
 
@@ -127,9 +128,9 @@ class EtcdMember(ServerProcess):
     ) -> dict[str, object] | None:
         """One request to the client port; the JSON object answered, or None."""
         try:
-            _, answer = http_request(
-                method, self.host, self.client_port, path, body, timeout,
-                headers={"Content-Type": "application/json"},
+            _, answer = httpclient.request(
+                method, f"http://{self.host}:{self.client_port}{path}", body=body,
+                timeout=timeout, headers={"Content-Type": "application/json"},
             )  # fmt: skip
             doc = json.loads(answer)
         except (OSError, ValueError):

@@ -51,6 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from keepcount import httpclient
 from keepcount.cluster.balancer import (
     Backend,
     BalancerError,
@@ -59,7 +60,7 @@ from keepcount.cluster.balancer import (
     find_binary,
     run_check,
 )
-from keepcount.nodeproc import free_port, http_get
+from keepcount.nodeproc import free_port
 
 __all__ = ["UPSTREAM", "Nginx", "NginxSettings", "render_config"]
 
@@ -303,7 +304,7 @@ class Nginx(ProcessBalancer):
     def status(self) -> dict[str, int]:
         """``stub_status`` as numbers: active, accepts, handled, requests,
         reading, writing, waiting."""
-        status, body = http_get("127.0.0.1", self.status_port, "/status", timeout=2)
+        status, body = httpclient.get(f"http://127.0.0.1:{self.status_port}/status", timeout=2)
         text = body.decode(errors="replace")
         m = _STUB.search(text)
         if status != 200 or m is None:

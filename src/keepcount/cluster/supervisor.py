@@ -40,8 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from keepcount import httpclient
 from keepcount.cluster.balancer import Backend, LoadBalancer
 from keepcount.cluster.bigtable import BigtableEmulator
 from keepcount.cluster.cassandra import CassandraCluster
@@ -70,6 +69,8 @@ log = logging.getLogger("keepcount.cluster")
 
 STOP_GRACE = 15.0
 """Seconds a node gets to stop after SIGTERM before it is killed."""
+COUNTERS_TIMEOUT = 5.0
+"""Seconds a ready node has to answer the cluster totals (``counters``)."""
 SIGNALS = {"KILL": signal.SIGKILL, "STOP": signal.SIGSTOP, "CONT": signal.SIGCONT,
            "TERM": signal.SIGTERM}  # fmt: skip
 
@@ -493,21 +494,18 @@ class Supervisor:
 
     async def counters(self) -> dict[str, Any] | None:
         """The cluster totals as any ready node answers them (None if none is)."""
-        async with httpx.AsyncClient(
-            verify=False,  # noqa: S501 - plain http to loopback: no TLS context to load
-            trust_env=False,
-            timeout=5.0,
-        ) as client:
+        async with httpclient.new_session(timeout=COUNTERS_TIMEOUT) as session:
             for ns in self.nodes.values():
                 inc = ns.current
                 if inc is None or not inc.ready:
                     continue
+                url = f"{inc.process.url}/v1/cluster/counters"
                 try:
-                    r = await client.get(f"{inc.process.url}/v1/cluster/counters")
-                    if r.status_code == 200:
-                        data: dict[str, Any] = json.loads(r.content)
+                    status, body = await httpclient.exchange(session, "GET", url)
+                    if status == 200:
+                        data: dict[str, Any] = json.loads(body)
                         return data
-                except (httpx.TransportError, ValueError):
+                except (OSError, ValueError):
                     continue
         return None
 

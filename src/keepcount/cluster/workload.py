@@ -8,33 +8,31 @@ outcome unknown; the key makes the retry count once).  Every answer is
 recorded, so at the end the tally of acknowledged increments per label set
 can be held against the cluster's totals: with keys they must be *equal*.
 
-Each client sends through an ``httpx.AsyncClient`` of its own holding one
-keep-alive connection (``load_client``), and resends with ``tenacity``.
+Every client sends through the one ``aiohttp.ClientSession`` it is given
+(``keepcount.httpclient.new_session``), and resends with ``tenacity``.
 
 Example::
 
     load = KeyedLoad("http://127.0.0.1:8100", "orders_total", [{"shop": "a"}], clients=8)
-    stop = asyncio.Event()
-    task = asyncio.create_task(load.run(stop))
-    ...; stop.set(); await task
+    async with new_session() as session:
+        stop = asyncio.Event()
+        task = asyncio.create_task(load.run(session, stop))
+        ...; stop.set(); await task
     load.tally()   # {'{"shop": "a"}': 1234}
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import random
-import ssl
 import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import overload
 
-import httpx
+import aiohttp
 from tenacity import (
     AsyncRetrying,
     RetryError,
@@ -43,7 +41,7 @@ from tenacity import (
     wait_exponential,
 )
 
-__all__ = ["KeyedLoad", "LoadError", "labels_key", "load_client"]
+__all__ = ["KeyedLoad", "LoadError", "labels_key"]
 
 MAX_TRIES = 200
 """Sends of one increment before the workload gives up (a cluster that does
@@ -52,26 +50,7 @@ REQUEST_TIMEOUT = 5.0
 """Seconds before a send is given up as unknown (the whole exchange)."""
 RETRY_BACKOFF = (0.01, 0.2)
 """Pause before the first resend, doubling up to the second figure."""
-
-
-def load_client(connections: int = 1, timeout: float = REQUEST_TIMEOUT) -> httpx.AsyncClient:
-    """An HTTP client for a load generator: up to ``connections`` connections,
-    each kept alive between requests; ``timeout`` seconds per phase (connect,
-    write, read, pool); no proxy taken from the environment (the targets are
-    local).
-
-    Give each client process of a load one of its own (``connections=1``)
-    rather than sharing a pool: httpx's pool looks at every connection on
-    each request, and shared by 16 clients it took twice the CPU per request
-    (the load generator, not the cluster, then bounds the rate)."""
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    return httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False, verify=_tls())
-
-
-@functools.cache
-def _tls() -> ssl.SSLContext:
-    """One TLS context for every client (each would load the CA bundle: ~20 ms)."""
-    return ssl.create_default_context()
+_TIMEOUT = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
 
 
 def labels_key(labels: dict[str, str]) -> str:
@@ -114,28 +93,14 @@ class KeyedLoad:
     def tally(self) -> dict[str, int]:
         return dict(self.acked)
 
-    @overload
-    async def run(self, stop: asyncio.Event, /) -> None: ...
-    @overload
-    async def run(self, session: object, stop: asyncio.Event, /) -> None: ...
-    async def run(self, *args: object) -> None:
-        """``run(stop)``: until ``stop`` is set; then each client settles its
-        increment in flight.  Each client has a connection of its own.
-        ``run(session, stop)``, the aiohttp-era form, is still accepted (the
-        session is not used)."""
-        *given, stop = args
-        if not isinstance(stop, asyncio.Event) or len(given) > 1:
-            raise TypeError("KeyedLoad.run(stop)")
+    async def run(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+        """Until ``stop`` is set; then each client settles its increment in flight."""
         rnd = random.Random(self.seed)
         seeds = [rnd.randrange(2**32) for _ in range(self.clients)]
-        await asyncio.gather(*(self._client(stop, random.Random(s)) for s in seeds))
+        await asyncio.gather(*(self._client(session, stop, random.Random(s)) for s in seeds))
 
-    async def _client(self, stop: asyncio.Event, rnd: random.Random) -> None:
-        async with load_client() as client:
-            await self._send_until(client, stop, rnd)
-
-    async def _send_until(
-        self, client: httpx.AsyncClient, stop: asyncio.Event, rnd: random.Random
+    async def _client(
+        self, session: aiohttp.ClientSession, stop: asyncio.Event, rnd: random.Random
     ) -> None:
         path = f"{self.url}/v1/counters/{self.name}/increment"
         # One per client coroutine: a Retrying object is reused, never shared.
@@ -148,35 +113,30 @@ class KeyedLoad:
             labels = rnd.choice(self.label_sets)
             by = rnd.randint(1, self.max_by)
             key = uuid.UUID(int=rnd.getrandbits(128)).hex
-            body = json.dumps({"labels": labels, "by": by}).encode()
+            body = json.dumps({"labels": labels, "by": by})
             headers = {"Content-Type": "application/json", "Idempotency-Key": key}
             self.ops += 1
             try:
-                await retrying(self._send, client, path, body, headers, labels, by)
+                await retrying(self._send, session, path, body, headers, labels, by)
             except RetryError:
                 raise LoadError(
                     f"increment {key} was not acknowledged after {MAX_TRIES} tries"
                 ) from None
 
     async def _send(
-        self, client: httpx.AsyncClient, path: str, body: bytes, headers: dict[str, str],
+        self, session: aiohttp.ClientSession, path: str, body: str, headers: dict[str, str],
         labels: dict[str, str], by: int,
     ) -> bool:  # fmt: skip
         """One send of an increment, recorded; True if it was acknowledged."""
         started = time.monotonic()
         status, node, replayed = 0, None, False
         try:
-            async with (
-                asyncio.timeout(REQUEST_TIMEOUT),
-                client.stream("POST", path, content=body, headers=headers) as r,
-            ):
-                status = r.status_code
+            async with session.post(path, data=body, headers=headers, timeout=_TIMEOUT) as r:
+                status = r.status
                 if status == 200:
                     try:
-                        answer = json.loads(await r.aread())
-                    except httpx.TimeoutException:
-                        raise
-                    except (httpx.RequestError, ValueError):
+                        answer = await r.json(content_type=None)
+                    except (aiohttp.ClientError, ValueError):
                         # Headers came, the body did not: the node died
                         # between its two writes (uvicorn sends them apart).
                         self.errors["truncated_200"] += 1
@@ -185,10 +145,10 @@ class KeyedLoad:
                         node = answer.get("node")
                         replayed = r.headers.get("Idempotency-Replayed") == "true"
                 else:
-                    await r.aread()
-        except (TimeoutError, httpx.TimeoutException):
+                    await r.read()
+        except TimeoutError:
             self.errors["timeout"] += 1
-        except (httpx.RequestError, ValueError):
+        except (aiohttp.ClientError, ValueError):
             self.errors["connection"] += 1
         self.answers.append(Answer(time.time(), status, node, time.monotonic() - started))
         if status == 200:

@@ -20,10 +20,9 @@ A reader process reads the cluster totals through the load balancer every
 run, ``settle`` resolves every keyed increment left unknown, then one final
 read is taken: the checkers (``keepcount.verify.checker``) judge it all.
 
-Every request goes through ``httpx`` with a deadline on the whole exchange:
-each client process has a keep-alive connection of its own, the reader, the
-scrapers and the settling share a small pool (``load_client``); every resend
-is ``tenacity``'s.
+Every request goes through one ``aiohttp`` session
+(``keepcount.httpclient``) with a deadline on the whole exchange; every
+resend is ``tenacity``'s.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
+import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 from tenacity import (
     AsyncRetrying,
@@ -48,7 +47,7 @@ from tenacity import (
     wait_fixed,
 )
 
-from keepcount.cluster.workload import load_client
+from keepcount.httpclient import exchange, failure_name, new_session
 from keepcount.verify.history import HistoryWriter, Op
 
 __all__ = ["COUNTER", "Workload"]
@@ -64,11 +63,10 @@ RESEND_BACKOFF = (0.02, 0.5)
 the second figure."""
 SETTLE_PAUSE = 0.2
 """Pause between two sends of an increment (or reads) while settling."""
-SHARED_CONNECTIONS = 16
-"""The pool of the reader, the scrapers (one per node) and the settling."""
-_ERRORS = (TimeoutError, httpx.RequestError)
-"""What leaves a request's outcome unknown: no answer within the deadline,
-a connection refused, reset or cut short (the request may have been sent)."""
+_ERRORS = OSError
+"""What leaves a request's outcome unknown (``keepcount.httpclient``): no
+answer within the deadline (``TimeoutError``), a connection refused, reset or
+cut short (the request may have been sent)."""
 T = TypeVar("T")
 
 
@@ -118,21 +116,17 @@ class Workload:
     async def run(self, stop: asyncio.Event) -> None:
         """Clients, the reader and the scraper, until ``stop`` is set."""
         rnd = random.Random(self.seed)
-        async with load_client(SHARED_CONNECTIONS, REQUEST_TIMEOUT) as shared:
+        async with new_session(timeout=REQUEST_TIMEOUT) as session:
             tasks = [
-                self._client(p, random.Random(rnd.randrange(2**32)), stop)
+                self._add_until(session, p, random.Random(rnd.randrange(2**32)), stop)
                 for p in range(self.clients)
             ]
-            tasks.append(self._reader(shared, self.clients, stop))
-            tasks.append(self._scraper(shared, self.clients + 2, stop))
+            tasks.append(self._reader(session, self.clients, stop))
+            tasks.append(self._scraper(session, self.clients + 2, stop))
             await asyncio.gather(*tasks)
 
-    async def _client(self, process: int, rnd: random.Random, stop: asyncio.Event) -> None:
-        async with load_client(1, REQUEST_TIMEOUT) as client:
-            await self._add_until(client, process, rnd, stop)
-
     async def _add_until(
-        self, client: httpx.AsyncClient, process: int, rnd: random.Random,
+        self, session: aiohttp.ClientSession, process: int, rnd: random.Random,
         stop: asyncio.Event,
     ) -> None:  # fmt: skip
         # A keyed increment left unknown is sent again with its key until it
@@ -149,12 +143,12 @@ class Workload:
             value = {"labels": labels, "by": rnd.randint(1, 3)}
             key = uuid.UUID(int=rnd.getrandbits(128)).hex if keyed else None
             if key is None:
-                await self._add(client, process, value, None)  # unknown stays unknown
-            elif _unknown(await resend(self._add, client, process, value, key)):
+                await self._add(session, process, value, None)  # unknown stays unknown
+            elif _unknown(await resend(self._add, session, process, value, key)):
                 self._pending.append((process, value, key))
 
     async def _add(
-        self, client: httpx.AsyncClient, process: int, value: dict[str, Any], key: str | None
+        self, session: aiohttp.ClientSession, process: int, value: dict[str, Any], key: str | None
     ) -> str:
         self.record(process, "invoke", "add", value, key=key)
         self.attempts += 1
@@ -162,12 +156,12 @@ class Workload:
         if key is not None:
             headers["Idempotency-Key"] = key
         try:
-            status, body = await _exchange(
-                client, "POST", f"{self.lb_url}/v1/counters/{COUNTER}/increment",
-                REQUEST_TIMEOUT, content=json.dumps(value).encode(), headers=headers,
+            status, body = await exchange(
+                session, "POST", f"{self.lb_url}/v1/counters/{COUNTER}/increment",
+                body=json.dumps(value).encode(), headers=headers,
             )  # fmt: skip
         except _ERRORS as exc:
-            self.record(process, "info", "add", value, key=key, error=type(exc).__name__)
+            self.record(process, "info", "add", value, key=key, error=failure_name(exc))
             return "info"
         answer = _json(body)
         if status == 200 and isinstance(answer, dict) and "value" in answer:
@@ -179,15 +173,15 @@ class Workload:
         self.record(process, kind, "add", value, key=key, error=error)
         return kind
 
-    async def read(self, client: httpx.AsyncClient, process: int) -> Op:
+    async def read(self, session: aiohttp.ClientSession, process: int) -> Op:
         """One read of the cluster totals through the load balancer."""
         self.record(process, "invoke", "read")
         try:
-            status, body = await _exchange(
-                client, "GET", f"{self.lb_url}/v1/cluster/counters/{COUNTER}", REQUEST_TIMEOUT
+            status, body = await exchange(
+                session, "GET", f"{self.lb_url}/v1/cluster/counters/{COUNTER}"
             )
         except _ERRORS as exc:
-            return self.record(process, "info", "read", error=type(exc).__name__)
+            return self.record(process, "info", "read", error=failure_name(exc))
         answer = _json(body)
         if status == 404:  # nothing counted yet
             return self.record(process, "ok", "read", {"totals": {}})
@@ -196,12 +190,16 @@ class Workload:
         totals = {_label_key(c["labels"]): int(c["value"]) for c in answer["counters"]}
         return self.record(process, "ok", "read", {"totals": totals})
 
-    async def _reader(self, client: httpx.AsyncClient, process: int, stop: asyncio.Event) -> None:
+    async def _reader(
+        self, session: aiohttp.ClientSession, process: int, stop: asyncio.Event
+    ) -> None:
         while not stop.is_set():
-            await self.read(client, process)
+            await self.read(session, process)
             await _wait(stop, self.read_every)
 
-    async def _scraper(self, client: httpx.AsyncClient, process: int, stop: asyncio.Event) -> None:
+    async def _scraper(
+        self, session: aiohttp.ClientSession, process: int, stop: asyncio.Event
+    ) -> None:
         """Each node's own values, one process per node (a paused node must not
         hold up the others' scrapes)."""
         running: dict[str, asyncio.Task[None]] = {}
@@ -214,21 +212,21 @@ class Workload:
                         self._scrape_process[node] = process + nodes
                         nodes += 1
                     running[node] = asyncio.create_task(
-                        self._scrape(client, self._scrape_process[node], node, url, pid)
+                        self._scrape(session, self._scrape_process[node], node, url, pid)
                     )
             await _wait(stop, self.read_every)
         await asyncio.gather(*running.values())
 
     async def _scrape(
-        self, client: httpx.AsyncClient, process: int, node: str, url: str, pid: int
+        self, session: aiohttp.ClientSession, process: int, node: str, url: str, pid: int
     ) -> None:
         self.record(process, "invoke", "scrape", {"node": node, "pid": pid})
         try:
-            status, body = await _exchange(client, "GET", f"{url}/metrics", SCRAPE_TIMEOUT)
+            status, body = await exchange(session, "GET", f"{url}/metrics", timeout=SCRAPE_TIMEOUT)
             text = body.decode()
-        except (*_ERRORS, UnicodeDecodeError) as exc:
+        except (_ERRORS, UnicodeDecodeError) as exc:
             self.record(process, "info", "scrape", {"node": node, "pid": pid},
-                        error=type(exc).__name__)  # fmt: skip
+                        error=failure_name(exc))  # fmt: skip
             return
         if status != 200:
             self.record(process, "info", "scrape", {"node": node, "pid": pid}, error=str(status))
@@ -241,24 +239,14 @@ class Workload:
         """Send every keyed increment left unknown again (same key) until it
         is ok or fail, or ``deadline`` (monotonic) passes; the number still
         unknown.  Then a final read, retried until it answers."""
-        async with load_client(SHARED_CONNECTIONS, REQUEST_TIMEOUT) as client:
+        async with new_session(timeout=REQUEST_TIMEOUT) as session:
             pending, self._pending = self._pending, []
             left = 0
             for process, value, key in pending:
-                outcome = await _until(deadline, _unknown, self._add, client, process, value, key)
+                outcome = await _until(deadline, _unknown, self._add, session, process, value, key)
                 left += outcome is None or _unknown(outcome)
-            await _until(deadline, _not_ok, self.read, client, self.clients)
+            await _until(deadline, _not_ok, self.read, session, self.clients)
         return left
-
-
-async def _exchange(
-    client: httpx.AsyncClient, method: str, url: str, timeout: float, **kwargs: Any
-) -> tuple[int, bytes]:
-    """One request and its whole answer within ``timeout`` seconds: (status,
-    body).  ``TimeoutError`` or ``httpx.RequestError`` (``_ERRORS``) if not."""
-    async with asyncio.timeout(timeout):
-        r = await client.request(method, url, timeout=timeout, **kwargs)
-    return r.status_code, r.content
 
 
 def _unknown(outcome: str) -> bool:
