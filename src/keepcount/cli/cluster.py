@@ -25,6 +25,7 @@ from typing import Any
 import click
 
 from keepcount import httpclient
+from keepcount.cli.extras import coordinator_modules, require
 from keepcount.cluster.spec import (
     BALANCERS,
     CLAIM_TTL_RANGE,
@@ -136,6 +137,8 @@ def up(
     foreground: bool,
 ) -> None:
     """Start a cluster in --dir and wait until every node is ready."""
+    store_modules = ("cassandra",) if (store or "").startswith("cassandra") else ()
+    require("cluster up", "cluster", *coordinator_modules(coordinator), *store_modules)
     directory = directory.resolve()
     if (directory / SPEC_FILE).exists() and ClusterClient(directory).alive():
         raise click.ClickException(

@@ -19,7 +19,7 @@ Example::
     @click.command()
     def demo(coordinator: str) -> None:
         with needs_extra("demo", "cluster"):
-            require("demo", "cluster", coordinator_modules(coordinator), "matplotlib")
+            require("demo", "cluster", *coordinator_modules(coordinator), "matplotlib")
             ...  # the lazy imports and the work
 """
 
