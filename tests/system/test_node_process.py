@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from keepcount.nodeproc import free_port
 from keepcount.stores import open_store
 
@@ -50,6 +52,7 @@ def start(url: str, port: int, *extra: str) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
+@pytest.mark.g1
 def test_node_serves_then_flushes_and_releases_on_sigterm(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/counters.db"
     port = free_port()
@@ -79,6 +82,7 @@ def test_node_serves_then_flushes_and_releases_on_sigterm(tmp_path: Path) -> Non
         store.close()
 
 
+@pytest.mark.g6
 def test_a_foreign_store_file_makes_the_node_exit_1(tmp_path: Path) -> None:
     path = tmp_path / "foreign.db"
     path.write_bytes(b"not a database\n" * 100)
@@ -94,6 +98,7 @@ def test_a_foreign_store_file_makes_the_node_exit_1(tmp_path: Path) -> None:
     assert path.read_bytes() == b"not a database\n" * 100
 
 
+@pytest.mark.g6
 def test_bad_options_are_refused_before_anything_starts(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/c.db"
     for extra, needle in ((["--listen", "nope:port"], "--listen"),

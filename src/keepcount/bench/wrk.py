@@ -1,7 +1,7 @@
 """Drive an HTTP endpoint with wrk (a C load generator) and parse what it says.
 
 A Python client tops out at a few hundred requests per second on this
-machine (INFRA.md), far below the server; wrk does not.  Each request is a
+machine (docs/infra.md), far below the server; wrk does not.  Each request is a
 POST of one of a few JSON bodies, picked round-robin by a Lua script, and
 optionally carries an ``Idempotency-Key`` unique to the request (prefix,
 wrk thread, sequence number).

@@ -8,7 +8,7 @@ process is reaped, ``pause``/``resume`` once ``/proc`` shows it stopped /
 running again.
 
 Teardown is SIGKILL: a graceful SIGTERM of a 3-member cluster takes 6-7 s
-(INFRA.md), and nothing here needs etcd's data after the test.
+(docs/infra.md), and nothing here needs etcd's data after the test.
 
 Example::
 
@@ -46,7 +46,7 @@ IDENTITY_FILE = "keepcount-etcd.json"
 
 INSTALL_HINT = "apt-get install -y etcd-server etcd-client"
 
-# Raft timing for a loopback cluster (INFRA.md): a lost leader is replaced in
+# Raft timing for a loopback cluster (docs/infra.md): a lost leader is replaced in
 # about one second instead of the defaults' several, and etcd's minimum lease
 # TTL (1.5 election timeouts, rounded up to whole seconds) becomes 1 s, so
 # 1-2 s TTLs are granted as asked.

@@ -70,7 +70,7 @@ class HAProxySettings:
     is sent only once the increment is durable (a group commit is a few ms),
     so 2 s is generous, yet a SIGSTOPped node is abandoned (and a keyed
     request retried elsewhere, ``retry-on response-timeout``) after 2 s.
-    ``check_*``, ``fall``, ``rise``: INFRA.md measured DOWN 0.3-0.4 s after a
+    ``check_*``, ``fall``, ``rise``: docs/infra.md measured DOWN 0.3-0.4 s after a
     kill and UP 0.4 s after ready with inter 200ms fall 2 rise 2.
     ``check_timeout``: a loaded node may answer ``/readyz`` late; 1 s avoids
     marking a busy node DOWN while still catching a SIGSTOPped one in ~2.5 s.
@@ -144,7 +144,7 @@ global
     stats timeout 10s
     # No "daemon": run with -db.  Warnings and server state changes go to
     # stderr, and so do the logs of abnormal requests only (dontlog-normal
-    # below): few lines even under load (INFRA.md: "log stderr" dropped lines
+    # below): few lines even under load (docs/infra.md: "log stderr" dropped lines
     # under load when every request was logged), each one explaining an error
     # a client saw (its termination state, retries, server).
     log stderr format raw local0 info
@@ -163,7 +163,7 @@ defaults
     timeout queue 2s
     timeout check {_ms(s.check_timeout)}
     # Wait for the whole body before choosing a server, so that a retry can
-    # replay it.  INFRA.md: POSTs to a backend that died failed in 14 of 27
+    # replay it.  docs/infra.md: POSTs to a backend that died failed in 14 of 27
     # runs without it, 0 in 16,000 requests with it.
     option http-buffer-request
     retries {s.retries}
@@ -174,7 +174,7 @@ defaults
     # once.  503: the node did not acknowledge (not ready, fenced, store
     # unavailable, outcome unknown); another node may.
     retry-on conn-failure empty-response response-timeout 503
-    # INFRA.md: inter 200ms fall 2 rise 2 = DOWN 0.3-0.4 s after a kill, UP
+    # docs/infra.md: inter 200ms fall 2 rise 2 = DOWN 0.3-0.4 s after a kill, UP
     # 0.4 s after ready.  The unused slot of every node id stays DOWN and
     # costs one refused connection per {_ms(s.check_downinter)}.
     default-server inter {_ms(s.check_inter)} fastinter {_ms(s.check_fastinter)} downinter {_ms(s.check_downinter)} fall {s.fall} rise {s.rise}{observe}
@@ -191,7 +191,7 @@ backend {BACKEND}
     # Restore before serve (DESIGN G3): only a ready node gets traffic.
     option httpchk GET /readyz
     http-check expect status 200
-    # HAProxy's L7 retries replay POSTs (INFRA.md).  A request that may count
+    # HAProxy's L7 retries replay POSTs (docs/infra.md).  A request that may count
     # (any method but GET/HEAD/OPTIONS) is replayed only with an
     # Idempotency-Key; a failed connection is still retried (nothing was sent).
     acl safe_method method GET HEAD OPTIONS

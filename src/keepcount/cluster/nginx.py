@@ -16,7 +16,7 @@ Contract (``keepcount.cluster.balancer`` has the part both balancers share):
 
 - ``nginx -p <dir> -e stderr -c conf/nginx.conf -g 'daemon off;'``: the
   directory is NGINX's prefix; the pid file, every ``*_temp_path`` and the
-  access log are under it (INFRA.md: without ``-e stderr`` it opens
+  access log are under it (docs/infra.md: without ``-e stderr`` it opens
   /var/log/nginx/error.log before it reads the config).  Its error log
   (level warn) is its stderr, appended to ``<dir>/logs/error.log``.  The
   config is checked with ``nginx -t`` before every start.
@@ -220,7 +220,7 @@ http {{
             internal;
             # The client's URI as it sent it, arguments included.
             proxy_pass http://{UPSTREAM}$request_uri;
-            # INFRA.md: on a backend kill, 3 POST 502s without non_idempotent,
+            # docs/infra.md: on a backend kill, 3 POST 502s without non_idempotent,
             # 0 with it.  Safe here only: the key makes a replay count once.
             proxy_next_upstream error timeout http_502 http_503 non_idempotent;
         }}

@@ -21,8 +21,8 @@ Every event (started, ready, exited, claim lost, evicted, ...) is appended to
 ``<dir>/events.jsonl`` (``keepcount.cluster.events``): the demo's report and
 the failover measurements are read from it.
 
-How production would run the same parts: see the README ("Running a cluster
-in production"): systemd units (``Restart=always``) or Kubernetes
+How production would run the same parts: see ``docs/cluster.md`` ("In
+production"): systemd units (``Restart=always``) or Kubernetes
 (a StatefulSet, readiness probe on ``/readyz``) take the supervisor's place;
 the claim and fencing logic lives in the node, not here.
 """
@@ -352,7 +352,7 @@ class Supervisor:
         holds no write lock on the file.  SQLite has one writer at a time: a
         node paused in the middle of a write holds that lock, and every node
         sharing the file waits until it runs again or dies (a real limit of
-        the embedded store, see the README; a distributed store has none).
+        the embedded store, see ``docs/stores.md``; a distributed store has none).
         A fault meant to show fencing, not that stall, asks for ``clean``.
         """
         sig = SIGNALS.get(name.upper().removeprefix("SIG"))

@@ -1,6 +1,6 @@
 """A local ZooKeeper server or ensemble as child processes.
 
-Java is called directly (``zkServer.sh`` forces system paths, INFRA.md): each
+Java is called directly (``zkServer.sh`` forces system paths, docs/infra.md): each
 member gets a ``zoo.cfg``, a ``log4j.properties`` that logs to the console
 (captured in its log file) and a data dir under the given directory.  The
 config keeps sessions short enough for 1-2 s claims: ``tickTime=500`` makes
