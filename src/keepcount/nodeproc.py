@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from keepcount import httpclient
+from keepcount.node.config import NodeConfig
 from keepcount.process import ManagedProcess
 
 __all__ = ["NodeProcess", "free_port", "http_get", "http_request"]
@@ -110,8 +111,9 @@ class NodeProcess(ManagedProcess):
         command: Sequence[str] = ("node",),
         options: Sequence[str] | None = None,
     ) -> None:
-        """``options``: the command's options in full, instead of ``--id``,
-        ``--store``, ``--listen`` built from the arguments, then ``extra``."""
+        """``options``: the command's options in full, instead of the
+        ``NodeConfig`` of ``node`` and ``store`` (``NodeConfig.to_argv()``),
+        ``--listen`` built from the arguments, then ``extra``."""
         super().__init__(node, log)
         self.node = node
         self.store = store
@@ -129,10 +131,8 @@ class NodeProcess(ManagedProcess):
     def argv(self) -> list[str]:
         options = self.options
         if options is None:
-            options = [
-                "--id", self.node, "--store", self.store,
-                "--listen", f"{self.host}:{self.port}", *self.extra,
-            ]  # fmt: skip
+            config = NodeConfig(node=self.node, store=self.store)
+            options = [*config.to_argv(), "--listen", f"{self.host}:{self.port}", *self.extra]
         return [sys.executable, "-m", self.module, *self.command, *options]
 
     def start(self) -> NodeProcess:
