@@ -76,6 +76,14 @@ from keepcount.errors import (
 )
 from keepcount.metrics import MAX_VALUE
 from keepcount.stores.base import FamilyDef, KeyRecord, SeriesRow, SeriesValue
+from keepcount.waiters import (
+    Batch,
+    KeyedOutcome,
+    Outcome,
+    copy_error,
+    resolve,
+    resolve_keyed,
+)
 
 __all__ = ["DEFAULT_FLUSH_INTERVAL", "DEFAULT_IDEMPOTENCY_TTL", "GroupCommit", "Keyed"]
 
@@ -96,34 +104,6 @@ LookupFn = Callable[[str], KeyRecord | None]
 ExpireFn = Callable[[float], int]
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per call
-
-KeyedOutcome = tuple[int, bool, KeyRecord | None] | KeepcountError
-"""What a keyed waiter gets: (value, replayed, record) or the error."""
-
-
-class _Outcome(asyncio.Future[KeepcountError | None]):
-    """One future per (flush, event loop), awaited by all of that loop's waiters.
-
-    Its result is the flush's error or None; each waiter raises its own copy.
-    It refuses cancellation: one waiter's cancel must not cancel the others'
-    wait, so a cancelled ``commit()`` takes effect when the flush it waits
-    for ends (one store write at most).
-    """
-
-    def cancel(self, msg: object = None) -> bool:
-        return False
-
-
-class _Batch:
-    """The waiters of one flush."""
-
-    __slots__ = ("error", "event", "outcomes", "wanted")
-
-    def __init__(self) -> None:
-        self.wanted = False
-        self.error: KeepcountError | None = None
-        self.event: threading.Event | None = None
-        self.outcomes: dict[asyncio.AbstractEventLoop, _Outcome] = {}
 
 
 class Keyed:
@@ -157,25 +137,6 @@ class _Flush:
         self.records: list[KeyRecord] = []
         self.values: list[int] = []
         """The child's value right after each keyed delta, as recorded."""
-
-
-def _copy(err: KeepcountError) -> KeepcountError:
-    """A fresh exception per waiter: one instance raised in many threads or
-    tasks would collect all their tracebacks."""
-    new = type(err)(*err.args)
-    new.__cause__ = err
-    return new
-
-
-def _resolve(outcome: _Outcome, error: KeepcountError | None) -> None:
-    if not outcome.done():
-        outcome.set_result(error)
-
-
-def _resolve_keyed(answers: list[tuple[asyncio.Future[KeyedOutcome], KeyedOutcome]]) -> None:
-    for fut, outcome in answers:
-        if not fut.done():  # a cancelled request is not waiting any more
-            fut.set_result(outcome)
 
 
 def _receipt_value(record: KeyRecord) -> int:
@@ -237,8 +198,8 @@ class GroupCommit:
         self._expire = expire
         self._next_expire = time.monotonic()
         self._interval = interval
-        self._next = _Batch()
-        self._inflight: _Batch | None = None
+        self._next = Batch()
+        self._inflight: Batch | None = None
         self._fatal: KeepcountError | None = None
         self._closing = False
         self._stopped = False
@@ -256,18 +217,18 @@ class GroupCommit:
 
     def _check(self) -> None:
         if self._fatal is not None:
-            raise _copy(self._fatal)
+            raise copy_error(self._fatal)
         if self._closing:
             raise RegistryClosed("the registry is closed")
 
-    def _want(self) -> _Batch:
+    def _want(self) -> Batch:
         batch = self._next
         if not batch.wanted:
             batch.wanted = True
             self._cv.notify()
         return batch
 
-    def _join(self) -> _Batch | None:
+    def _join(self) -> Batch | None:
         """The batch whose success makes every earlier increment durable (lock held)."""
         self._check()
         if self.dirty or self.meta_dirty or self._queued:
@@ -282,10 +243,10 @@ class GroupCommit:
                 return
             outcome = batch.outcomes.get(loop)
             if outcome is None:
-                outcome = batch.outcomes[loop] = _Outcome(loop=loop)
+                outcome = batch.outcomes[loop] = Outcome(loop=loop)
         error = await outcome
         if error is not None:
-            raise _copy(error)
+            raise copy_error(error)
 
     def commit_sync(self, timeout: float | None = None) -> None:
         with self._lock:
@@ -307,12 +268,12 @@ class GroupCommit:
             with self._lock:
                 self._finish(batch, taken, error)
             if error is not None:
-                raise _copy(error)
+                raise copy_error(error)
             return
         if not event.wait(timeout):
             raise OutcomeUnknown(f"commit did not finish within {timeout} s; not acknowledged")
         if batch.error is not None:
-            raise _copy(batch.error)
+            raise copy_error(batch.error)
 
     def submit_keyed(
         self, child: Any, by: int, key: str, fingerprint: str, ttl: float
@@ -386,7 +347,7 @@ class GroupCommit:
         At most one flush is in flight at a time: two concurrent writes of
         absolute values could land out of order and put an older value last.
         """
-        self._inflight, self._next = self._next, _Batch()
+        self._inflight, self._next = self._next, Batch()
         children = self.dirty[:]
         self.dirty.clear()
         for child in children:
@@ -437,7 +398,7 @@ class GroupCommit:
             {"node": self.node, "name": child.family.name, "labels": labels, "value": value}
         )
 
-    def _finish(self, batch: _Batch, f: _Flush, error: KeepcountError | None) -> None:
+    def _finish(self, batch: Batch, f: _Flush, error: KeepcountError | None) -> None:
         """End the flush in flight (lock held): account, settle, wake the flusher."""
         self._inflight = None
         if error is None:
@@ -482,7 +443,7 @@ class GroupCommit:
         replies, self._replies = self._replies, {}
         for loop, answers in replies.items():
             try:
-                loop.call_soon_threadsafe(_resolve_keyed, answers)
+                loop.call_soon_threadsafe(resolve_keyed, answers)
             except RuntimeError:  # that loop is closed: nobody is waiting any more
                 pass
 
@@ -578,14 +539,14 @@ class GroupCommit:
             if fam not in self.meta_dirty:
                 self.meta_dirty.append(fam)
 
-    def _settle(self, batch: _Batch, error: KeepcountError | None) -> None:
+    def _settle(self, batch: Batch, error: KeepcountError | None) -> None:
         batch.error = error
         if batch.event is not None:
             batch.event.set()
         outcomes, batch.outcomes = batch.outcomes, {}
         for loop, outcome in outcomes.items():
             try:
-                loop.call_soon_threadsafe(_resolve, outcome, error)
+                loop.call_soon_threadsafe(resolve, outcome, error)
             except RuntimeError:  # that loop is closed: nobody is waiting any more
                 pass
 

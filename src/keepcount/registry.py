@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import Any
 
 from keepcount.binding import SlotBinding, Slots, registries
-from keepcount.commit import DEFAULT_FLUSH_INTERVAL, DEFAULT_IDEMPOTENCY_TTL, GroupCommit, _copy
+from keepcount.commit import DEFAULT_FLUSH_INTERVAL, DEFAULT_IDEMPOTENCY_TTL, GroupCommit
 from keepcount.errors import (
     InvalidInput,
     KeepcountError,
@@ -71,6 +71,7 @@ from keepcount.stores.base import (
     Store,
 )
 from keepcount.totals import SeriesTotal, cluster_totals, host_snapshot
+from keepcount.waiters import copy_error
 
 __all__ = ["Receipt", "Registry", "open", "open_lazily"]
 
@@ -443,7 +444,7 @@ class Registry(SlotBinding):
         fut = self._group.submit_keyed(child, by, key, fingerprint, self.idempotency_ttl)
         outcome = await asyncio.shield(fut)  # one request's cancel must not drop the answer
         if isinstance(outcome, KeepcountError):
-            raise _copy(outcome)
+            raise copy_error(outcome)
         value, replayed, record = outcome
         if replayed and record is not None:
             answer = json.loads(record.result)
