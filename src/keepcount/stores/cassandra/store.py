@@ -304,8 +304,7 @@ class CassandraStore:
             ))
             for k in keys
         ]  # fmt: skip
-        taken: list[str] = []
-        busy: list[str] = []
+        conflicts: list[tuple[KeyRecord, Any]] = []
         for k, fut in pending:
             try:
                 result = fut.result()
@@ -316,7 +315,23 @@ class CassandraStore:
             owner = result.one()
             if owner.node == node and owner.key_token == k.token:
                 continue  # an earlier attempt of this very increment took it
-            verdict = self._free_to_take(k, owner, node, claim)
+            conflicts.append((k, owner))
+        # The owners' key rows, read all at once: one by one, a flush with many
+        # conflicting keys (retries of a slow node's requests) takes a QUORUM
+        # read per key and turns slow itself.
+        self._claims.check_open()
+        reads = [
+            (k, owner, self._session.execute_async(self._q.key_row, (owner.node, k.key)))
+            for k, owner in conflicts
+        ]
+        taken: list[str] = []
+        busy: list[str] = []
+        for k, owner, fut in reads:
+            try:
+                record = fut.result().one()
+            except Exception as exc:
+                raise translate(exc, f"store {self.url}: key {k.key!r} failed") from exc
+            verdict = self._free_to_take(k, owner, node, claim, record)
             if verdict == "recorded":
                 taken.append(k.key)
             elif verdict == "pending":
@@ -329,11 +344,11 @@ class CassandraStore:
                 busy,
             )
 
-    def _free_to_take(self, k: KeyRecord, owner: Any, node: str, claim: Claim) -> str:
+    def _free_to_take(self, k: KeyRecord, owner: Any, node: str, claim: Claim, record: Any) -> str:
         """``"recorded"`` (the owner counted it), ``"pending"`` (the owner, alive,
-        may still record it) or ``"mine"`` (taken over)."""
+        may still record it) or ``"mine"`` (taken over); ``record`` is the
+        owner's key row (None: not recorded)."""
         where = f"store {self.url}: key {k.key!r}"
-        record = self._exec(self._q.key_row, (owner.node, k.key), where).one()
         if record is not None:
             if (record.expires or 0) > time.time():
                 return "recorded"  # with its value: the owner counted it
