@@ -12,13 +12,13 @@ from __future__ import annotations
 import csv
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from keepcount.bench.result import BenchError
 from keepcount.nodeproc import free_port
+from keepcount.process import ManagedProcess, ProcessExited
 
 __all__ = ["INSTALL_HINT", "RedisRun", "RedisServer", "require_tools"]
 
@@ -55,61 +55,51 @@ class RedisRun:
     p99_ms: float
 
 
-class RedisServer:
+class RedisServer(ManagedProcess):
     """A ``redis-server`` on 127.0.0.1 that fsyncs its AOF on every write.
 
     ``start()`` returns once ``PING`` answers; ``stop()`` kills the process
     (its data is thrown away).  Use it as a context manager.
     """
 
+    kind = "redis-server"
+
     def __init__(self, datadir: Path) -> None:
+        super().__init__("", datadir / "redis.log")
         self.datadir = datadir
         self.port = 0
-        self.log = datadir / "redis.log"
-        self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         try:
             for _ in range(_START_ATTEMPTS):
-                self._spawn()
-                if self._wait_ready():
+                self.port = free_port()
+                self.spawn([
+                    "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                    "--dir", str(self.datadir), "--save", "",
+                    "--appendonly", "yes", "--appendfsync", "always",
+                ])  # fmt: skip
+                try:
+                    self.wait_until(self._pong, _START_TIMEOUT, interval=0.02)
                     return
-                self.stop()
+                except (ProcessExited, TimeoutError):
+                    self.stop()  # exited: most likely the port was taken
         except BaseException:
             self.stop()  # never leave a server behind, even on Ctrl-C
             raise
-        raise BenchError(f"redis-server did not start; its log:\n{self._log_tail()}")
+        raise BenchError(f"redis-server did not start{self.log_tail()}")
 
-    def _spawn(self) -> None:
-        self.port = free_port()
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--dir", str(self.datadir), "--save", ""]
-        argv += ["--appendonly", "yes", "--appendfsync", "always"]
-        with self.log.open("ab") as log:
-            self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
-
-    def _wait_ready(self) -> bool:
-        assert self._proc is not None
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                return False  # exited: most likely the port was taken
-            try:
-                out = subprocess.run(
-                    ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), "ping"],
-                    capture_output=True,
-                    text=True,
-                    timeout=2,
-                    check=False,
-                ).stdout
-            except subprocess.TimeoutExpired:
-                out = ""
-            if out.strip() == "PONG":
-                return True
-            time.sleep(0.02)
-        return False
+    def _pong(self) -> bool:
+        try:
+            out = subprocess.run(
+                ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), "ping"],
+                capture_output=True,
+                text=True,
+                timeout=2,
+                check=False,
+            ).stdout
+        except subprocess.TimeoutExpired:
+            return False
+        return out.strip() == "PONG"
 
     def benchmark(self, clients: int, requests: int, timeout: float) -> RedisRun:
         """Run ``redis-benchmark -t incr`` against this server (killed after ``timeout`` s)."""
@@ -128,18 +118,6 @@ class RedisServer:
         if proc.returncode != 0:
             raise BenchError(f"redis-benchmark failed ({proc.returncode}): {proc.stderr.strip()}")
         return _parse(proc.stdout, requests)
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-
-    def _log_tail(self) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
-        except OSError:
-            return "(no log)"
 
     def __enter__(self) -> RedisServer:
         self.start()

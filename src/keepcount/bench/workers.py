@@ -146,7 +146,7 @@ def _scrape(server: Server) -> int | None:
         return None
     status, body = server.request("GET", METRICS_PATH)
     if status != 200:
-        raise BenchError(f"{server.name}: /metrics answered {status}: {body[:300]!r}")
+        raise BenchError(f"{server.what}: /metrics answered {status}: {body[:300]!r}")
     return _requests_counted(body.decode())
 
 
@@ -247,9 +247,8 @@ def _measure_class(
             for b in order[r % len(order) :] + order[: r % len(order)]:
                 progress(f"round {r + 1}/{rounds}, {b}")
                 got[b].runs.append(wrk(servers[b], settings.duration))
-                proc = servers[b].proc
-                if proc is not None and proc.poll() is not None:
-                    raise BenchError(f"{servers[b].name} died{servers[b].log_tail()}")
+                if not servers[b].running():
+                    raise BenchError(f"{servers[b].what} died{servers[b].log_tail()}")
     finally:
         for s in servers.values():
             s.stop()

@@ -3,32 +3,25 @@
 ``Server`` runs ``gunicorn -w N`` (sync or gthread workers) on the Flask app
 of ``workers_app`` with one metrics backend, in a process group of its own,
 so that ``kill_group`` SIGKILLs the master and every worker at once (the
-crash check) and returns only once all of them are dead.  Its HTTP calls go
-through ``keepcount.httpclient.request`` (thread-safe, one connection per
-request, as a fresh client would open); waits are ``tenacity`` polls.
+crash check) and returns only once all of them are dead.  It is a
+``keepcount.process.ManagedProcess``; its HTTP calls go through
+``keepcount.httpclient.request`` (thread-safe, one connection per request,
+as a fresh client would open).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
-
-from tenacity import (
-    RetryError,
-    Retrying,
-    retry_if_exception_type,
-    retry_if_result,
-    stop_after_delay,
-    wait_fixed,
-)
 
 from keepcount import httpclient
 from keepcount.bench.result import BenchError
 from keepcount.nodeproc import free_port
+from keepcount.process import ManagedProcess, ProcessExited, wait_exit
 
 __all__ = ["BODY", "METRICS_PATH", "ROUTE", "THREADS", "Server"]
 
@@ -43,38 +36,27 @@ _BOOT_TIMEOUT = 60.0
 _STOP_TIMEOUT = 30.0
 _READY_POLL = 0.02
 """Poll interval of ``/ready``, not synchronisation: the loop awaits it."""
-_DEAD_POLL = 0.01
 _REQUEST_TIMEOUT = 30.0
 
 
-def _until(check: Callable[[], bool], seconds: float, every: float) -> bool:
-    """``check()`` every ``every`` s until it is true (True) or ``seconds``
-    passed (False); no answer (an ``OSError``) counts as not yet."""
-    retrying = Retrying(
-        retry=retry_if_result(lambda done: not done) | retry_if_exception_type(OSError),
-        wait=wait_fixed(every),
-        stop=stop_after_delay(seconds),
-    )
-    try:
-        return bool(retrying(check))
-    except RetryError:
-        return False
+class Server(ManagedProcess):
+    """One gunicorn (a session and process group of its own) serving the app
+    with one backend; ``what`` names it in messages."""
 
-
-class Server:
-    """One gunicorn (its own process group) serving the app with one backend."""
+    kind = "gunicorn"
 
     def __init__(
         self, backend: str, worker_class: str, workers: int, work: Path, gunicorn: Path
     ) -> None:
+        super().__init__(
+            f"-w {workers} -k {worker_class} ({backend})", work / "gunicorn.log", new_session=True
+        )
         self.backend = backend
         self.worker_class = worker_class
         self.workers = workers
         self.work = work
         self.gunicorn = gunicorn
         self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = work / "gunicorn.log"
         self.mp_dir = work / "multiproc"
         work.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(__file__).with_name("workers_app.py"), work / f"{_APP_MODULE}.py")
@@ -91,7 +73,7 @@ class Server:
         threads = ["--threads", str(THREADS)] if self.worker_class == "gthread" else []
         return [
             str(self.gunicorn), "--workers", str(self.workers),
-            "--worker-class", self.worker_class, *threads,
+            "--worker-class", self.worker_class, *threads, "--chdir", str(self.work),
             "--bind", f"127.0.0.1:{self.port}", "--config", str(self.work / "gunicorn.conf.py"),
             "--pythonpath", str(self.work), "--error-logfile", str(self.log),
             "--log-level", "warning", *_no_control_socket(self.gunicorn), f"{_APP_MODULE}:app",
@@ -108,30 +90,22 @@ class Server:
         return env
 
     def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv(),
-                cwd=self.work,
-                env=self.env(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: one killpg takes every worker
-            )
+        self.spawn(self.argv(), env=self.env())
 
     def wait_ready(self) -> None:
-        """Poll ``/ready`` until it answers 200."""
-        proc = self.proc
-        assert proc is not None
+        """Poll ``/ready`` until it answers 200 (``BenchError`` if gunicorn
+        exits first or it takes longer than the boot timeout)."""
 
         def ready() -> bool:
-            code = proc.poll()
-            if code is not None:
-                raise BenchError(f"{self.name} exited with {code} while booting{self.log_tail()}")
-            return self.request("GET", READY_ROUTE, timeout=2)[0] == 200
+            try:
+                return self.request("GET", READY_ROUTE, timeout=2)[0] == 200
+            except OSError:
+                return False  # not listening yet
 
-        if not _until(ready, _BOOT_TIMEOUT, _READY_POLL):
-            raise BenchError(f"{self.name} not ready within {_BOOT_TIMEOUT} s{self.log_tail()}")
+        try:
+            self.wait_until(ready, _BOOT_TIMEOUT, interval=_READY_POLL)
+        except (ProcessExited, TimeoutError) as exc:
+            raise BenchError(str(exc)) from None
 
     def request(
         self, method: str, path: str, timeout: float = _REQUEST_TIMEOUT
@@ -145,44 +119,27 @@ class Server:
             headers={"Content-Type": "application/json"} if post else None,
         )  # fmt: skip
 
-    @property
-    def name(self) -> str:
-        return f"gunicorn -w {self.workers} -k {self.worker_class} ({self.backend})"
-
-    def log_tail(self) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return f"\n--- {self.log} ---\n{text[-3000:]}" if text else ""
-
     def kill_group(self) -> None:
         """SIGKILL the master and every worker at once; return once all are dead."""
-        assert self.proc is not None
-        pgid = self.proc.pid
-        members = _group_members(pgid)
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(_STOP_TIMEOUT)
+        members = _group_members(self.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.wait(_STOP_TIMEOUT)
         # The workers are reaped by init, not by us: wait for them to die.
-        if not _until(lambda: not any(map(_alive, members)), _STOP_TIMEOUT, _DEAD_POLL):
-            raise BenchError(f"{self.name}: processes {members} outlived SIGKILL")
+        if not all(wait_exit(pid, _STOP_TIMEOUT) for pid in members):
+            raise BenchError(f"{self.what}: processes {members} outlived SIGKILL")
 
-    def stop(self) -> None:
-        """SIGTERM (graceful: keepcount flushes and releases), SIGKILL what is left."""
+    def stop(
+        self, timeout: float = _STOP_TIMEOUT, *, graceful: bool = True, sig: int | None = None
+    ) -> int | None:
+        """SIGTERM (graceful: keepcount flushes and releases), SIGKILL the
+        master if it outlives ``timeout``, then whatever is left of its group."""
         if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(_STOP_TIMEOUT)
+            return None
+        code = super().stop(timeout, graceful=graceful, sig=sig)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        return code
 
 
 _CHILD_EXIT = '''"""gunicorn config: prometheus_client's multiprocess mode, as its docs say."""
@@ -216,11 +173,3 @@ def _group_members(pgid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
                 pids.append(int(entry.name))
     return pids
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie has closed its files and released its locks: not alive)."""
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
