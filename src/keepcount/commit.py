@@ -100,7 +100,7 @@ EXPIRE_EVERY = 60.0
 
 BindFn = Callable[[], "KeepcountError | None"]
 WriteFn = Callable[[Sequence[FamilyDef], Sequence[SeriesRow], Sequence[KeyRecord]], None]
-LookupFn = Callable[[str], KeyRecord | None]
+LookupFn = Callable[[Sequence[str]], dict[str, KeyRecord | None]]
 ExpireFn = Callable[[float], int]
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per call
@@ -490,7 +490,7 @@ class GroupCommit:
         if self._lookup is None:
             return StoreUnavailable("idempotency key conflict without a lookup")
         try:
-            found = {key: self._lookup(key) for key in keys}
+            found = self._lookup(keys)
         except KeepcountError as exc:
             return exc
         busy = set(pending)

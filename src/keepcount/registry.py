@@ -283,7 +283,7 @@ class Registry(SlotBinding):
             self._lock,
             self._write,
             node=self.node,
-            lookup=self._lookup_key,
+            lookup=self._lookup_keys,
             expire=self._expire_keys,
             interval=self._interval,
             name=f"keepcount-flush-{self.host}",
@@ -464,8 +464,8 @@ class Registry(SlotBinding):
         hold = self._slot_lock
         return None if hold is None else hold.check()
 
-    def _lookup_key(self, key: str) -> KeyRecord | None:
-        return self.store.lookup_key(key)
+    def _lookup_keys(self, keys: Sequence[str]) -> dict[str, KeyRecord | None]:
+        return self.store.lookup_keys(keys)
 
     def _expire_keys(self, now: float) -> int:
         return self.store.expire_keys(now)

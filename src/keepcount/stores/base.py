@@ -75,6 +75,10 @@ Contract of each method (the conformance suite in
     The record of an idempotency key, whichever node wrote it; None if there
     is none or it has expired.
 
+``lookup_keys(keys) -> dict[str, KeyRecord | None]``
+    ``lookup_key`` of several keys at once (a flush's conflicting keys): one
+    query, or concurrent reads, never one round trip after another.
+
 ``expire_keys(now, limit) -> int``
     Delete up to ``limit`` records that expired at ``now``; return how many.
     A store whose records expire by themselves (``native_key_expiry``, e.g.
@@ -279,6 +283,8 @@ class Store(Protocol):
     ) -> None: ...
 
     def lookup_key(self, key: str) -> KeyRecord | None: ...
+
+    def lookup_keys(self, keys: Sequence[str]) -> dict[str, KeyRecord | None]: ...
 
     def expire_keys(self, now: float, limit: int = 1000) -> int: ...
 

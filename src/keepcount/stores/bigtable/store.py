@@ -387,6 +387,9 @@ class BigtableStore:
     def lookup_key(self, key: str) -> KeyRecord | None:
         return self._keys.lookup(key)
 
+    def lookup_keys(self, keys: Sequence[str]) -> dict[str, KeyRecord | None]:
+        return {key: self._keys.lookup(key) for key in keys}
+
     def expire_keys(self, now: float, limit: int = 1000) -> int:
         return 0
 

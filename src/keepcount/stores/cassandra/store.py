@@ -319,18 +319,13 @@ class CassandraStore:
         # The owners' key rows, read all at once: one by one, a flush with many
         # conflicting keys (retries of a slow node's requests) takes a QUORUM
         # read per key and turns slow itself.
-        self._claims.check_open()
-        reads = [
-            (k, owner, self._session.execute_async(self._q.key_row, (owner.node, k.key)))
-            for k, owner in conflicts
-        ]
+        records = self._gather(
+            [(self._q.key_row, (owner.node, k.key)) for k, owner in conflicts],
+            f"store {self.url}: read the keys of other nodes",
+        )
         taken: list[str] = []
         busy: list[str] = []
-        for k, owner, fut in reads:
-            try:
-                record = fut.result().one()
-            except Exception as exc:
-                raise translate(exc, f"store {self.url}: key {k.key!r} failed") from exc
+        for (k, owner), record in zip(conflicts, records, strict=True):
             verdict = self._free_to_take(k, owner, node, claim, record)
             if verdict == "recorded":
                 taken.append(k.key)
@@ -367,14 +362,33 @@ class CassandraStore:
         return "pending"
 
     def lookup_key(self, key: str) -> KeyRecord | None:
-        where = f"store {self.url}: look up key {key!r}"
-        owner = self._exec(self._q.owner, (key,), where).one()
-        if owner is None:
-            return None
-        r = self._exec(self._q.key_row, (owner.node, key), where).one()
-        if r is None or r.expires is None or r.expires <= time.time():
-            return None
-        return KeyRecord(key, owner.node, r.fingerprint, r.result, r.key_token, r.expires)
+        return self.lookup_keys([key])[key]
+
+    def lookup_keys(self, keys: Sequence[str]) -> dict[str, KeyRecord | None]:
+        """Each key's owner, then the owners' key rows: two rounds of
+        concurrent reads, whatever the number of keys."""
+        where = f"store {self.url}: look up keys"
+        found: dict[str, KeyRecord | None] = dict.fromkeys(keys)
+        owners = self._gather([(self._q.owner, (key,)) for key in found], where)
+        reads = [(o.node, key) for key, o in zip(found, owners, strict=True) if o is not None]
+        rows = self._gather([(self._q.key_row, read) for read in reads], where)
+        now = time.time()
+        for (node, key), r in zip(reads, rows, strict=True):
+            if r is not None and r.expires is not None and r.expires > now:
+                found[key] = KeyRecord(key, node, r.fingerprint, r.result, r.key_token, r.expires)
+        return found
+
+    def _gather(self, queries: Sequence[tuple[Any, tuple[Any, ...]]], what: str) -> list[Any]:
+        """The first row (or None) of each query, all sent at once."""
+        self._claims.check_open()
+        futures = [self._session.execute_async(q, values) for q, values in queries]
+        out = []
+        for fut in futures:
+            try:
+                out.append(fut.result().one())
+            except Exception as exc:
+                raise translate(exc, f"{what} failed") from exc
+        return out
 
     native_key_expiry = True
     """Keys carry Cassandra TTLs: they expire by themselves, ``expire_keys``

@@ -264,6 +264,20 @@ class SQLiteStore:
             ).fetchone()
         return None if row is None else KeyRecord(*row)
 
+    def lookup_keys(self, keys: Sequence[str]) -> dict[str, KeyRecord | None]:
+        found: dict[str, KeyRecord | None] = dict.fromkeys(keys)
+        with self._lock, self._txn("look up idempotency keys", write=False) as c:
+            for start in range(0, len(found), 500):  # SQLite's bound-parameter limit
+                chunk = list(found)[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                query = (  # only "?" placeholders are formatted in
+                    "SELECT key, node, fingerprint, result, token, expires FROM idempotency "  # noqa: S608
+                    f"WHERE key IN ({marks}) AND expires > ?"
+                )
+                for row in c.execute(query, (*chunk, time.time())):
+                    found[row[0]] = KeyRecord(*row)
+        return found
+
     def expire_keys(self, now: float, limit: int = 1000) -> int:
         with self._lock, self._txn("expire idempotency keys") as c:
             return c.execute(
