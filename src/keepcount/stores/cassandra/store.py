@@ -1,10 +1,11 @@
 """``CassandraStore``: each node id one partition of ``node_rows``, claimed
-with a lightweight transaction and re-asserted at the new incarnation, read
-at QUORUM and written as single-partition batches.
+with a lightweight transaction and fenced by a checkpoint of what the claim
+read, read at QUORUM and written as single-partition batches.
 
-Why this layout and how it fences: ``keepcount.stores.cassandra``.  The
-claim table, the ``incarnation << 32 | seq`` clock and the fencing checks
-come from ``keepcount.stores.lww``.
+Why this layout: ``keepcount.stores.cassandra``.  The fence, its read rule
+and the argument that it keeps G4: ``keepcount.stores.cassandra.fence``.
+The claim table, the ``incarnation << 32 | seq`` clock and the fencing
+checks come from ``keepcount.stores.lww``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from keepcount.errors import CorruptStore, KeyConflict, StoreUnavailable
+from keepcount.errors import KeyConflict, StoreUnavailable
 from keepcount.naming import check_node_id
 from keepcount.stores.base import (
     ClusterSnapshot,
@@ -24,28 +25,31 @@ from keepcount.stores.base import (
     KeyRecord,
     NodeRecord,
     SeriesRow,
-    SeriesValue,
     Snapshot,
     check_kind,
-    has_buckets,
+)
+from keepcount.stores.cassandra.fence import (
+    CLOCK,
+    DEF,
+    KEYS,
+    FenceStatements,
+    View,
+    chunk_labels,
+    ensure_schema,
+    key_counts,
 )
 from keepcount.stores.cassandra.session import connect, parse_url, translate
-from keepcount.stores.lww import Claim, Claims, Clock, claim_epoch, claim_race, moved_on
+from keepcount.stores.lww import Claim, Claims, claim_epoch, claim_race, moved_on
 
 __all__ = ["CassandraStore"]
 
 BATCH_ROWS = 500
-"""Rows per batch when a claim re-asserts a partition, or when a flush too
+"""Rows per batch when a claim writes key rows again, or when a flush too
 big for one batch is split (a flush without idempotency keys only: a key's
 record and its value must stay in one atomic batch).  Single-partition
 batches are not held to Cassandra's multi-partition batch size limits; one
 mutation must stay under half a commitlog segment (16 MiB by default)."""
 CONCURRENT_BATCHES = 8
-
-CLOCK = Clock(seq_bits=32)
-"""Cell timestamps ``incarnation << 32 | flush sequence``."""
-_DEF = "\x00"  # the labels of a family-definition row
-_KEYS = ""  # the name of an idempotency-key row
 
 
 class CassandraStore:
@@ -66,6 +70,14 @@ class CassandraStore:
         hosts, self.keyspace = parse_url(url)
         self._claims = Claims(f"store {url}")
         self._cluster, self._session, self._q = connect(url, hosts, self.keyspace, replication)
+        try:
+            ensure_schema(self._session, self.keyspace)
+            self._f = FenceStatements(self._session, self.keyspace)
+        except BaseException as exc:
+            self._cluster.shutdown()
+            raise translate(exc, f"store {url}: cannot open") from exc
+        self._created: dict[str, dict[str, dict[str, float]]] = {}
+        """What each claim read of ``created`` times, for the ``load_created`` after it."""
         from cassandra import ConsistencyLevel
 
         self._cl = ConsistencyLevel
@@ -97,50 +109,63 @@ class CassandraStore:
 
         new_epoch, incarnation = claim_race(attempt, f"store {self.url}", node)
         claim = Claim(new_epoch, incarnation, generation=incarnation)
-        claim.restored(self._reassert(node, claim))
+        view = self._fence(node, claim)
+        claim.restored(view.snapshot())
+        self._created[node] = view.created()
         self._claims.add(node, claim)
         return new_epoch
 
-    def _reassert(self, node: str, claim: Claim) -> Snapshot:
-        """Read the partition at QUORUM, write it all again at this
-        incarnation's base timestamp, then tombstone everything older."""
-        from cassandra.query import UNSET_VALUE
+    def _fence(self, node: str, claim: Claim) -> View:
+        """Steps 2 to 4 of a claim (``fence``): read the partition at QUORUM
+        under its fence, write that view as this incarnation's checkpoint,
+        then move the fence to this incarnation."""
+        view = self._view(node)
+        self._checkpoint(node, claim, view)
+        self._move_fence(node, claim, view)
+        return view
 
-        rows = list(self._exec(self._q.rows, (node,), f"load node {node!r}"))
+    def _checkpoint(self, node: str, claim: Claim, view: View) -> None:
+        """The view's checkpoint chunks and its live key rows, at the claim's base."""
         base = CLOCK.at(claim.generation)
+        chunks = [
+            (self._f.chunk, (node, name, labels, blob, base))
+            for name, labels, blob in view.checkpoint(claim.incarnation)
+        ]
+        self._batch_rows(chunks, node, "checkpoint", per_batch=1)
+        view.parts = len(chunks)
         now = time.time()
-        live = []
-        statements = []
-        for r in rows:
-            ttl = 0  # none
-            if r.name == _KEYS:
-                if r.expires is None or r.expires <= now:
-                    continue
-                ttl = max(1, int(r.expires - now) + 1)
-            live.append(r)
-            columns = (
-                r.ival, r.sval, r.created, r.kind, r.help, r.labelnames, r.buckets,
-                r.fingerprint, r.result, r.key_token, r.expires,
-            )  # fmt: skip
-            # UNSET, not null: a null would write a tombstone per empty column.
-            values = (node, r.name, r.labels,
-                      *(UNSET_VALUE if c is None else c for c in columns), ttl, base)  # fmt: skip
-            statements.append((self._q.row_all, values))
-        self._batch_rows(statements, node)
-        self._exec(self._q.tombstone, (base - 1, node), f"fence node {node!r}")
-        return _snapshot(self.url, node, live)
+        keys = [
+            (self._q.key, (node, KEYS, r.labels, r.fingerprint, r.result, r.key_token, r.expires,
+                           max(1, int(r.expires - now) + 1), base))
+            for r in view.keys
+        ]  # fmt: skip
+        self._batch_rows(keys, node, "checkpoint")
+
+    def _move_fence(self, node: str, claim: Claim, view: View) -> None:
+        """The fence to this incarnation (from then on the read rule ignores
+        every older write), then the older checkpoints dropped."""
+        base = CLOCK.at(claim.generation)
+        self._exec(self._f.fence, (base, claim.incarnation, view.parts, node),
+                   f"fence node {node!r}", write=True)  # fmt: skip
+        older = chunk_labels(claim.incarnation, 0)
+        drops = [(self._f.drop, (base, node, name, older[0], older)) for name in view.names()]
+        self._batch_rows(drops, node, "drop the older checkpoints of")
 
     def _batch_rows(
-        self, statements: list[tuple[Any, tuple[Any, ...]]], node: str, what: str = "re-assert"
+        self,
+        statements: list[tuple[Any, tuple[Any, ...]]],
+        node: str,
+        what: str,
+        per_batch: int = BATCH_ROWS,
     ) -> None:
-        """Single-partition batches of ``BATCH_ROWS`` statements, up to
+        """Single-partition batches of ``per_batch`` statements, up to
         ``CONCURRENT_BATCHES`` in flight; each is atomic, the whole is not."""
         from cassandra.query import BatchStatement, BatchType
 
         batches = []
-        for start in range(0, len(statements), BATCH_ROWS):
+        for start in range(0, len(statements), per_batch):
             batch = BatchStatement(BatchType.UNLOGGED, consistency_level=self._cl.QUORUM)
-            for q, values in statements[start : start + BATCH_ROWS]:
+            for q, values in statements[start : start + per_batch]:
                 batch.add(q, values)
             batches.append(batch)
         for start in range(0, len(batches), CONCURRENT_BATCHES):
@@ -174,39 +199,29 @@ class CassandraStore:
         cached = self._claims.take_snapshot(node)
         if cached is not None:
             return cached
-        rows = self._exec(self._q.rows, (node,), f"load node {node!r}")
-        return _snapshot(self.url, node, [r for r in rows if r.name != _KEYS])
+        return self._view(node).snapshot()
 
     def load_created(self, node: str) -> dict[str, dict[str, float]]:
-        out: dict[str, dict[str, float]] = {}
-        for r in self._exec(self._q.created, (node,), f"load created times of {node!r}"):
-            if r.name != _KEYS and r.labels != _DEF and r.created is not None:
-                out.setdefault(r.name, {})[r.labels] = r.created
-        return out
+        cached = self._created.pop(node, None)
+        return cached if cached is not None else self._view(node).created()
+
+    def _view(self, node: str) -> View:
+        return View.read(self.url, node, self._exec(self._f.rows, (node,), f"load node {node!r}"))
 
     def read_cluster(self, name: str | None = None) -> ClusterSnapshot:
         snap = ClusterSnapshot()
         nodes = [r.node for r in self._exec(self._q.nodes, (), "read cluster totals")]
-        futures = []
-        for node in nodes:
-            if name is None:
-                futures.append((node, self._session.execute_async(self._q.rows, (node,))))
-            else:
-                futures.append(
-                    (node, self._session.execute_async(self._q.rows_named, (node, name)))
-                )
-        for node, fut in futures:
-            try:
-                rows = fut.result()
-            except Exception as exc:
-                raise translate(exc, f"store {self.url}: read cluster totals failed") from exc
-            for r in rows:
-                if r.name == _KEYS:
-                    continue
-                if r.labels == _DEF:
-                    snap.families.setdefault(node, {})[r.name] = _family(self.url, r)
-                else:
-                    snap.rows.append((node, r.name, r.labels, _value(self.url, r)))
+        where = f"store {self.url}: read cluster totals failed"
+        if name is None:
+            reads = self._gather_all([(self._f.rows, (node,)) for node in nodes], where)
+        else:
+            reads = self._gather_all([(self._f.rows_named, (node, name)) for node in nodes], where)
+        for node, rows in zip(nodes, reads, strict=True):
+            view = View.read(self.url, node, rows, whole=name is None)
+            if view.families:
+                snap.families[node] = view.families
+            for metric, series in view.series.items():
+                snap.rows.extend((node, metric, labels, v) for labels, (v, _) in series.items())
         snap.rows.sort()
         return snap
 
@@ -235,6 +250,7 @@ class CassandraStore:
                 )
             ts = claim.tick(CLOCK)
             claim.snapshot = None  # the claim's read is stale from now on
+            self._created.pop(node, None)
         if keys:
             self._own_keys(node, claim, keys)
         if not keys and len(series) > BATCH_ROWS:
@@ -248,7 +264,7 @@ class CassandraStore:
         batch = BatchStatement(BatchType.UNLOGGED, consistency_level=self._cl.QUORUM)
         for f in families:
             batch.add(self._q.family, (
-                node, f.name, _DEF, f.kind, f.help, json.dumps(list(f.labelnames)),
+                node, f.name, DEF, f.kind, f.help, json.dumps(list(f.labelnames)),
                 json.dumps(list(f.buckets[:-1])) if f.buckets else None, ts,
             ))  # fmt: skip
         fresh = [
@@ -260,7 +276,7 @@ class CassandraStore:
         for k in keys:
             ttl = max(1, int(k.expires - now) + 1)
             batch.add(self._q.key, (
-                node, _KEYS, k.key, k.fingerprint, k.result, k.token, k.expires, ttl, ts,
+                node, KEYS, k.key, k.fingerprint, k.result, k.token, k.expires, ttl, ts,
             ))  # fmt: skip
         self._exec(batch, None, f"write node {node!r}", write=True)
         with claim.lock:
@@ -320,7 +336,7 @@ class CassandraStore:
         # conflicting keys (retries of a slow node's requests) takes a QUORUM
         # read per key and turns slow itself.
         records = self._gather(
-            [(self._q.key_row, (owner.node, k.key)) for k, owner in conflicts],
+            [(self._f.key_row, (owner.node, k.key)) for k, owner in conflicts],
             f"store {self.url}: read the keys of other nodes",
         )
         taken: list[str] = []
@@ -344,6 +360,8 @@ class CassandraStore:
         may still record it) or ``"mine"`` (taken over); ``record`` is the
         owner's key row (None: not recorded)."""
         where = f"store {self.url}: key {k.key!r}"
+        if record is not None and not key_counts(record):
+            record = None  # a late write of an incarnation fenced since: never counted
         if record is not None:
             if (record.expires or 0) > time.time():
                 return "recorded"  # with its value: the owner counted it
@@ -371,21 +389,27 @@ class CassandraStore:
         found: dict[str, KeyRecord | None] = dict.fromkeys(keys)
         owners = self._gather([(self._q.owner, (key,)) for key in found], where)
         reads = [(o.node, key) for key, o in zip(found, owners, strict=True) if o is not None]
-        rows = self._gather([(self._q.key_row, read) for read in reads], where)
+        rows = self._gather([(self._f.key_row, read) for read in reads], where)
         now = time.time()
         for (node, key), r in zip(reads, rows, strict=True):
-            if r is not None and r.expires is not None and r.expires > now:
+            if r is not None and key_counts(r) and r.expires is not None and r.expires > now:
                 found[key] = KeyRecord(key, node, r.fingerprint, r.result, r.key_token, r.expires)
         return found
 
     def _gather(self, queries: Sequence[tuple[Any, tuple[Any, ...]]], what: str) -> list[Any]:
         """The first row (or None) of each query, all sent at once."""
+        return [rows[0] if rows else None for rows in self._gather_all(queries, what)]
+
+    def _gather_all(
+        self, queries: Sequence[tuple[Any, tuple[Any, ...]]], what: str
+    ) -> list[list[Any]]:
+        """Every row of each query, all sent at once."""
         self._claims.check_open()
         futures = [self._session.execute_async(q, values) for q, values in queries]
         out = []
         for fut in futures:
             try:
-                out.append(fut.result().one())
+                out.append(list(fut.result()))
             except Exception as exc:
                 raise translate(exc, f"{what} failed") from exc
         return out
@@ -424,39 +448,3 @@ class CassandraStore:
 
     def __repr__(self) -> str:
         return f"<CassandraStore {self.url}>"
-
-
-def _family(url: str, r: Any) -> FamilyDef:
-    try:
-        kind = check_kind(r.kind)
-        labelnames = tuple(json.loads(r.labelnames or "[]"))
-        buckets: tuple[float, ...] = ()
-        if has_buckets(kind):
-            buckets = (*(float(b) for b in json.loads(r.buckets or "[]")), float("inf"))
-    except (ValueError, TypeError) as exc:
-        raise CorruptStore(f"store {url}: family {r.name!r} is damaged ({exc})") from None
-    return FamilyDef(r.name, kind, r.help or "", labelnames, buckets)
-
-
-def _value(url: str, r: Any) -> SeriesValue:
-    if (r.ival is None) == (r.sval is None):
-        raise CorruptStore(
-            f"store {url}: series {r.name}{r.labels} holds no value or two: refusing it"
-        )
-    value: SeriesValue = r.ival if r.ival is not None else r.sval
-    return value
-
-
-def _snapshot(url: str, node: str, rows: Iterable[Any]) -> Snapshot:
-    snap = Snapshot()
-    series = []
-    for r in rows:
-        if r.name == _KEYS:
-            continue
-        if r.labels == _DEF:
-            snap.families[r.name] = _family(url, r)
-        else:
-            series.append(r)
-    for r in series:
-        snap.add_series(f"store {url}", node, r.name, r.labels, _value(url, r))
-    return snap

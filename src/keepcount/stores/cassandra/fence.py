@@ -1,0 +1,334 @@
+# ruff: noqa: S608 - CQL names only the keyspace, which parse_url limits to [a-z0-9_]
+"""The claim fence of the Cassandra store: a restore that writes a checkpoint,
+not every row again (G4 with O(families) writes per claim).
+
+A node's partition of ``node_rows`` holds, besides its rows, two static
+cells and a checkpoint:
+
+``fence`` (static)
+    The incarnation whose claim finished last.  Its *base* timestamp
+    ``F = CLOCK.at(fence)`` splits the partition's cells in two: a cell
+    written at ``F`` or later was written by that incarnation (or a later
+    one); a cell below ``F`` was written by an older incarnation.
+``parts`` (static)
+    How many checkpoint chunks the fence's checkpoint has.
+checkpoint chunks
+    Rows ``(name, "\\x01<fence:020d>:<i:06d>")`` holding, compressed, what
+    the claim restored of family ``name``: its definition and every series'
+    value and ``created`` time.
+
+**The read rule** (``View.read``; every read of a partition applies it): a
+cell below ``F`` counts only through the checkpoint; a cell at ``F`` or
+later counts as it is.  So a series' value is its row's value if the
+fence's incarnation (or a later one) wrote it, else the checkpoint's value,
+else the series does not exist.  Idempotency-key rows, which must stay
+rows (``lookup_key`` reads one row), are written again at ``F`` by the
+claim; a key row below ``F`` does not count.  A partition without a fence
+(a store of format 1, whose claims rewrote every row) counts every cell.
+
+**A claim** (``CassandraStore.claim``): (1) a lightweight transaction
+raises the stored incarnation from N to N+1; (2) a QUORUM read of the
+partition, merged by the read rule under the fence it finds; (3) the
+checkpoint of that view and the live key rows, written at ``F(N+1)``;
+(4) one single-partition batch: ``fence = N+1``, ``parts``, and range
+deletes of older checkpoints, at ``F(N+1)``.  The claim returns only
+after (4).
+
+**Why no late write of an older incarnation can change a restored or
+written value** (G4).  Every write of incarnation N carries timestamps
+``CLOCK.at(N, seq) < F(N+1)``, whenever it lands (a timed-out batch, a
+hint replayed hours later, a read repair).
+- Landed before (2): the claim's QUORUM read sees it, so the checkpoint
+  holds it as it was read.  An acknowledged write of N always landed
+  before (2): N acknowledges only after its batch completed at QUORUM
+  and a read of the incarnation (or a coordinator lease it still trusts)
+  showed that (1) had not happened yet.
+- Lands after (2), before or after (4): its cells are below ``F(N+1)``.
+  Once (4) is visible, the read rule ignores them: series N+1 has written
+  since are read from N+1's cells, the others from the checkpoint, and a
+  series only the late batch knows does not exist.  Before (4) is
+  visible no reader can act on N+1's behalf (the claim has not
+  returned); a reader of cluster totals may see the late value for that
+  moment, as it may see any in-doubt write, and then the restored one.
+- Incarnation N+1's own writes carry timestamps above ``F(N+1)`` and win
+  over everything N wrote, so the value a reader sees from then on is
+  only ever N+1's.
+- A claim that dies between (1) and (4) leaves the old fence: the next
+  claim (N+2) reads under it, so N's writes that landed meanwhile count
+  as landed (they were in doubt, never taken back from anyone: N+1
+  served nothing), and its own fence then cuts off N and N+1 alike.
+  Chunks of the dead claim carry N+1 in their clustering key and are
+  never read under another fence; the next claim's range deletes drop
+  them.
+- The checkpoint is complete before (4): each chunk was written at
+  QUORUM before the fence was sent, so any QUORUM read that sees the
+  fence sees every chunk; ``parts`` checks it (``CorruptStore`` if a
+  chunk is missing).
+
+The interleavings the conformance suite and ``test_cassandra_fence.py``
+drive: a late batch of N before the claim, between (1) and (2), between
+(2) and (4), after (4) and before N+1 writes, and after N+1's first
+write, on series N+1 has written and has not.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from keepcount.errors import CorruptStore
+from keepcount.stores.base import FamilyDef, SeriesValue, Snapshot, check_kind, has_buckets
+from keepcount.stores.lww import Clock
+
+__all__ = [
+    "CHUNK_SERIES",
+    "CLOCK",
+    "DEF",
+    "KEYS",
+    "FenceStatements",
+    "View",
+    "chunk_labels",
+    "ensure_schema",
+    "is_checkpoint",
+    "key_counts",
+]
+
+CLOCK = Clock(seq_bits=32)
+"""Cell timestamps ``incarnation << 32 | flush sequence``."""
+DEF = "\x00"
+"""The labels of a family-definition row."""
+KEYS = ""
+"""The name of an idempotency-key row."""
+_CKPT = "\x01"
+"""The first character of a checkpoint chunk's labels."""
+CHUNK_SERIES = 4096
+"""Series per checkpoint chunk: a few hundred KiB before compression, far
+below Cassandra's mutation limit (half a commitlog segment)."""
+
+_Def = tuple[str, str, str, str | None]
+"""kind, help, labelnames (JSON), buckets (JSON, without +Inf) or None."""
+_Series = tuple[str, int | str, float | None]
+"""labels, value, created."""
+_CHUNK = msgspec.msgpack.Decoder(tuple[_Def | None, list[_Series]])
+_ENCODE = msgspec.msgpack.Encoder()
+
+
+def is_checkpoint(labels: str) -> bool:
+    return labels.startswith(_CKPT)
+
+
+def chunk_labels(incarnation: int, index: int) -> str:
+    return f"{_CKPT}{incarnation:020d}:{index:06d}"
+
+
+class FenceStatements:
+    """The statements of the fence, prepared once on keyspace ``ks``."""
+
+    COLUMNS = (
+        "name, labels, ival, sval, created, kind, help, labelnames, buckets, fingerprint, "
+        "result, key_token, expires, chunk, fence, parts, writetime(ival) AS wt_ival, "
+        "writetime(sval) AS wt_sval, writetime(created) AS wt_created, "
+        "writetime(kind) AS wt_kind, writetime(expires) AS wt_expires"
+    )
+
+    def __init__(self, session: Any, ks: str) -> None:
+        p = session.prepare
+        self.rows = p(f"SELECT {self.COLUMNS} FROM {ks}.node_rows WHERE node = ?")
+        self.rows_named = p(
+            f"SELECT {self.COLUMNS} FROM {ks}.node_rows WHERE node = ? AND name = ?"
+        )
+        self.key_row = p(
+            "SELECT fence, fingerprint, result, key_token, expires, writetime(expires) AS wt_expires "
+            f"FROM {ks}.node_rows WHERE node = ? AND name = '' AND labels = ?"
+        )
+        self.chunk = p(
+            f"INSERT INTO {ks}.node_rows (node, name, labels, chunk) VALUES (?, ?, ?, ?) "
+            "USING TIMESTAMP ?"
+        )
+        self.fence = p(
+            f"UPDATE {ks}.node_rows USING TIMESTAMP ? SET fence = ?, parts = ? WHERE node = ?"
+        )
+        self.drop = p(
+            f"DELETE FROM {ks}.node_rows USING TIMESTAMP ? "
+            "WHERE node = ? AND name = ? AND labels >= ? AND labels < ?"
+        )
+
+
+_COLUMNS = {"chunk": "blob", "fence": "bigint static", "parts": "int static"}
+
+
+def ensure_schema(session: Any, ks: str) -> None:
+    """Add the fence's columns to ``node_rows`` where they are missing (a
+    store created before them, or a new one)."""
+    rows = session.execute(
+        "SELECT column_name FROM system_schema.columns "
+        "WHERE keyspace_name = %s AND table_name = 'node_rows'",
+        (ks,),
+    )
+    have = {r.column_name for r in rows}
+    for column, kind in _COLUMNS.items():
+        if column in have:
+            continue
+        try:
+            session.execute(f"ALTER TABLE {ks}.node_rows ADD {column} {kind}")
+        except Exception as exc:  # another process added it first
+            if "conflicts with an existing column" not in str(exc) and "already" not in str(exc):
+                raise
+
+
+def key_counts(record: Any) -> bool:
+    """Whether a key row (selected with ``fence`` and ``wt_expires``) counts
+    under the read rule: written at its partition's fence or later."""
+    fence = record.fence or 0
+    return record.wt_expires is not None and record.wt_expires >= CLOCK.at(fence)
+
+
+@dataclass
+class View:
+    """One node's partition as the read rule sees it (see the module docstring)."""
+
+    url: str
+    node: str
+    fence: int = 0
+    families: dict[str, FamilyDef] = field(default_factory=dict)
+    series: dict[str, dict[str, tuple[SeriesValue, float | None]]] = field(default_factory=dict)
+    """name -> labels -> (value, created)."""
+    keys: list[Any] = field(default_factory=list)
+    """Key rows that count and have not expired."""
+    parts: int = 0
+    """How many chunks the checkpoint read had (then: the one written)."""
+
+    @classmethod
+    def read(cls, url: str, node: str, rows: Iterable[Any], *, whole: bool = True) -> View:
+        """The view of ``rows`` (selected with ``FenceStatements.COLUMNS``);
+        ``whole``: they are the whole partition (the checkpoint's ``parts``
+        are checked), not one family's."""
+        view = cls(url, node)
+        chunks: dict[str, list[tuple[str, bytes]]] = {}
+        parts: int | None = None
+        base = 0
+        now = time.time()
+        for r in rows:
+            if r.fence is not None and r.fence != view.fence:
+                view.fence, parts, base = r.fence, r.parts, CLOCK.at(r.fence)
+            if r.labels is None:
+                continue  # the static cells of a partition without rows
+            if r.name == KEYS:
+                if (r.wt_expires or 0) >= base and r.expires is not None and r.expires > now:
+                    view.keys.append(r)
+            elif is_checkpoint(r.labels):
+                chunks.setdefault(r.name, []).append((r.labels, r.chunk))
+            elif r.labels == DEF:
+                if (r.wt_kind or 0) >= base:
+                    view.families[r.name] = _family(
+                        url, r.name, r.kind, r.help, r.labelnames, r.buckets
+                    )
+            else:
+                value = view._value(r, base)
+                if value is not None:
+                    created = r.created if (r.wt_created or 0) >= base else None
+                    view.series.setdefault(r.name, {})[r.labels] = (value, created)
+        view.parts = view._apply(chunks, parts if whole else None)
+        return view
+
+    def _value(self, r: Any, base: int) -> SeriesValue | None:
+        ival: int | None = r.ival if r.ival is not None and (r.wt_ival or 0) >= base else None
+        sval: str | None = r.sval if r.sval is not None and (r.wt_sval or 0) >= base else None
+        if ival is not None and sval is not None:
+            if r.wt_ival == r.wt_sval:
+                raise CorruptStore(
+                    f"store {self.url}: node {self.node!r}: series {r.name}{r.labels} holds "
+                    "two values written at once; refusing it"
+                )
+            return ival if r.wt_ival > r.wt_sval else sval
+        return ival if ival is not None else sval
+
+    def _apply(self, chunks: dict[str, list[tuple[str, bytes]]], parts: int | None) -> int:
+        """Fill in, from the fence's checkpoint, what no cell at the fence or
+        later holds; the number of chunks it had."""
+        mine = chunk_labels(self.fence, 0)[:21]
+        found = 0
+        for name, items in chunks.items():
+            for labels, blob in items:
+                if not labels.startswith(mine):
+                    continue  # an older checkpoint, or one of a claim that died
+                found += 1
+                definition, series = self._decode(name, blob)
+                if definition is not None and name not in self.families:
+                    self.families[name] = _family(self.url, name, *definition)
+                have = self.series.setdefault(name, {})
+                for lab, value, created in series:
+                    held = have.get(lab)
+                    if held is None:
+                        have[lab] = (value, created)
+                    elif held[1] is None:
+                        have[lab] = (held[0], created)
+        if self.fence and parts is not None and found != parts:
+            raise CorruptStore(
+                f"store {self.url}: node {self.node!r}: its checkpoint has {found} of "
+                f"{parts} chunks; refusing to restore a partial state"
+            )
+        return found
+
+    def _decode(self, name: str, blob: bytes | None) -> tuple[_Def | None, list[_Series]]:
+        try:
+            return _CHUNK.decode(zlib.decompress(blob or b""))
+        except (zlib.error, msgspec.DecodeError) as exc:
+            raise CorruptStore(
+                f"store {self.url}: node {self.node!r}: a checkpoint chunk of {name!r} is "
+                f"damaged ({exc}); refusing it"
+            ) from None
+
+    def snapshot(self) -> Snapshot:
+        snap = Snapshot(families=dict(self.families))
+        where = f"store {self.url}"
+        for name, series in self.series.items():
+            for labels, (value, _) in series.items():
+                snap.add_series(where, self.node, name, labels, value)
+        return snap
+
+    def created(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for name, series in self.series.items():
+            for labels, (_, created) in series.items():
+                if created is not None:
+                    out.setdefault(name, {})[labels] = created
+        return out
+
+    def names(self) -> set[str]:
+        """Every metric name the view holds (a definition or series)."""
+        return self.families.keys() | self.series.keys()
+
+    def checkpoint(self, incarnation: int) -> Iterator[tuple[str, str, bytes]]:
+        """(name, labels, compressed chunk) of this view as incarnation
+        ``incarnation``'s checkpoint: every family, every series."""
+        for name in sorted(self.names()):
+            f = self.families.get(name)
+            definition: _Def | None = None
+            if f is not None:
+                buckets = json.dumps(list(f.buckets[:-1])) if f.buckets else None
+                definition = (f.kind, f.help, json.dumps(list(f.labelnames)), buckets)
+            items = [(lab, v, c) for lab, (v, c) in self.series.get(name, {}).items()]
+            for i, start in enumerate(range(0, max(len(items), 1), CHUNK_SERIES)):
+                body = (definition if i == 0 else None, items[start : start + CHUNK_SERIES])
+                yield name, chunk_labels(incarnation, i), zlib.compress(_ENCODE.encode(body), 1)
+
+
+def _family(
+    url: str, name: str, kind: Any, help_: Any, labelnames: Any, buckets_json: Any
+) -> FamilyDef:
+    try:
+        checked = check_kind(kind)
+        names = tuple(json.loads(labelnames or "[]"))
+        buckets: tuple[float, ...] = ()
+        if has_buckets(checked):
+            buckets = (*(float(b) for b in json.loads(buckets_json or "[]")), float("inf"))
+    except (ValueError, TypeError) as exc:
+        raise CorruptStore(f"store {url}: family {name!r} is damaged ({exc})") from None
+    return FamilyDef(name, checked, help_ or "", names, buckets)
