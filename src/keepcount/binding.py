@@ -168,6 +168,9 @@ class SlotBinding:
                 node = lock.node
                 epoch = store.claim(node, lock.epoch or next_epoch(store, node))
                 try:
+                    lease = lock.lease()
+                    if lease is not None:
+                        store.vouch(node, epoch, lease)
                     snapshot = store.load(node)
                     with self._lock:
                         self._apply(snapshot)

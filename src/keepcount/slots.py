@@ -56,6 +56,7 @@ import os
 import re
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -158,6 +159,11 @@ class Hold(Protocol):
         held, else the error (``Fenced`` when lost for good)."""
         ...
 
+    def lease(self) -> Callable[[], bool] | None:
+        """A coordinator lease's ``trusted`` (for ``Store.vouch``); None for a
+        local lock, which says nothing about other machines."""
+        ...
+
     def release(self) -> None:
         """Give the slot back (idempotent)."""
         ...
@@ -204,6 +210,9 @@ class SlotLock:
     @property
     def node(self) -> str:
         return slot_id(self.host, self.index)
+
+    def lease(self) -> Callable[[], bool] | None:
+        return None
 
     def check(self) -> KeepcountError | None:
         if not self.serving and self.fd is not None:
@@ -357,6 +366,9 @@ class _CoordinatorHold:
     @property
     def epoch(self) -> int:
         return self.claim.epoch
+
+    def lease(self) -> Callable[[], bool] | None:
+        return self.claim.trusted
 
     def check(self) -> KeepcountError | None:
         if self.claim.lost:

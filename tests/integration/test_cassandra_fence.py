@@ -280,3 +280,32 @@ def test_without_the_read_rule_the_late_batches_would_show(
     assert values(new) == {A: 10, B: 3}
     monkeypatch.setattr(fence, "CLOCK", Clock(seq_bits=32, scale=0))  # every fence at 0
     assert values(new) == {A: 99, B: 3, Z: 5}
+
+
+def test_a_write_vouched_for_by_a_lease_skips_the_fencing_read(
+    stores: tuple[CassandraStore, Steps], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One round trip per flush while a coordinator's lease is trusted
+    (``Store.vouch``); the read of the incarnation again once it is not."""
+    old, new = stores
+    e = old.claim(NODE, epoch=1)
+    trusted = [True]
+    old.vouch(NODE, e, lambda: trusted[0])
+    reads: list[object] = []
+    real = old._exec
+
+    def counting(query: Any, values: Any, what: str, **kw: Any) -> Any:
+        if query is old._q.node:
+            reads.append(values)
+        return real(query, values, what, **kw)
+
+    monkeypatch.setattr(old, "_exec", counting)
+    old.write(NODE, e, [C], [("c_total", A, 1, 1.0)])
+    assert reads == []
+    trusted[0] = False
+    old.write(NODE, e, [], [("c_total", A, 2, 1.0)])
+    assert reads == [(NODE,)]
+    new.claim(NODE, epoch=2)
+    with pytest.raises(Fenced):
+        old.write(NODE, e, [], [("c_total", A, 3, 1.0)])
+    assert values(new) == {A: 2}

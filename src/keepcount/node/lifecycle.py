@@ -298,7 +298,7 @@ class Lifecycle:
             self._set(NodeState.CLAIMING)
             epoch = await asyncio.to_thread(self._claim_id)
         self._set(NodeState.RESTORING)
-        return await asyncio.to_thread(
+        registry = await asyncio.to_thread(
             keepcount.open,
             cfg.store,
             cfg.node,
@@ -308,6 +308,9 @@ class Lifecycle:
             epoch=epoch,
             max_slots=1,  # a node process serves its id itself, never a slot of it
         )
+        if self.claim is not None:  # the lease backs the store's fence (Store.vouch)
+            registry.store.vouch(registry.node, registry.epoch, self.claim.trusted)
+        return registry
 
     def _claim_id(self) -> int:
         """Claim the id in the coordinator (in a thread: it blocks); the epoch.

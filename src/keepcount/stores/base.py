@@ -92,6 +92,15 @@ Contract of each method (the conformance suite in
 ``nodes() -> list[NodeRecord]``
     Every node id the store has seen, with its epoch and claim times.
 
+``vouch(node, epoch, trusted) -> None``
+    A coordinator's lease now backs the claim ``epoch`` of ``node``:
+    ``trusted()`` is True only while no newer claim can have been granted
+    (its local deadline passes before the lease can expire).  A store that
+    must read after a write to learn whether a newer claim fenced it
+    (Cassandra) may skip that read when ``trusted()`` is True once the write
+    completed: a newer claim comes after the lease expired, so after the
+    write.  Stores whose writes are fenced inside the write ignore it.
+
 ``release(node, epoch) -> None``
     Give the claim back (a clean shutdown).  Does nothing if ``epoch`` is no
     longer the node's epoch.  The epoch itself is kept: the next claim gets a
@@ -104,7 +113,7 @@ Contract of each method (the conformance suite in
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -291,6 +300,8 @@ class Store(Protocol):
     def read_cluster(self, name: str | None = None) -> ClusterSnapshot: ...
 
     def nodes(self) -> list[NodeRecord]: ...
+
+    def vouch(self, node: str, epoch: int, trusted: Callable[[], bool]) -> None: ...
 
     def release(self, node: str, epoch: int) -> None: ...
 

@@ -111,6 +111,8 @@ class Claim:
     only with a series' first write, so it is kept from then on."""
     snapshot: Snapshot | None = None
     """What the claim read, handed to the ``load`` that follows it."""
+    trusted: Callable[[], bool] | None = None
+    """A coordinator's lease backing the claim (``Store.vouch``)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     """Guards ``seq`` and ``known``; the Bigtable store holds it for a whole
     write (a renewal of the generation never interleaves with a write)."""
@@ -191,6 +193,10 @@ class Claims:
         is still the claim's: a write may have lost to a newer claim."""
         if current is None or current != claim.incarnation:
             raise self.fenced(node, claim, message)
+
+    def vouch(self, node: str, epoch: int, trusted: Callable[[], bool]) -> None:
+        """Back the claim ``epoch`` of ``node`` with a coordinator's lease (``Store.vouch``)."""
+        self.held(node, epoch).trusted = trusted
 
     def release(self, node: str) -> tuple[Claim | None, bool]:
         """Forget ``node``'s claim: (the claim, or None; whether the handle is open)."""

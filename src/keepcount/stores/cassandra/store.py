@@ -14,7 +14,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from keepcount.errors import KeyConflict, StoreUnavailable
@@ -180,6 +180,9 @@ class CassandraStore:
                         exc, f"store {self.url}: {what} node {node!r}", write=True
                     ) from exc
 
+    def vouch(self, node: str, epoch: int, trusted: Callable[[], bool]) -> None:
+        self._claims.vouch(node, epoch, trusted)
+
     def release(self, node: str, epoch: int) -> None:
         _, is_open = self._claims.release(node)
         if not is_open:
@@ -281,6 +284,10 @@ class CassandraStore:
         self._exec(batch, None, f"write node {node!r}", write=True)
         with claim.lock:
             claim.known.update(fresh)
+        if claim.trusted is not None and claim.trusted():
+            # One round trip: the lease was still trusted after the batch
+            # completed, so no newer claim can have read the partition before it.
+            return
         self._check_incarnation(node, claim)
 
     def _series(
