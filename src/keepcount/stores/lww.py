@@ -31,7 +31,7 @@ node's claim and its writes, so both stores keep it with the same pieces:
 Why that fences: a claim raises the stored incarnation before it returns
 (``claim_race``: a compare-and-set, retried while concurrent claims win
 it).  A write of an older incarnation then either loses (its timestamps are
-below the new claim's rewrite and tombstone: Cassandra) or is refused by a
+below the new claim's fence, which every read applies: Cassandra) or is refused by a
 condition on the stored incarnation (Bigtable), and it is never
 acknowledged: the store checks the incarnation after (Cassandra) or as part
 of (Bigtable) every write.  ``claim_epoch`` is the epoch a claim records

@@ -305,7 +305,7 @@ class CassandraStore:
 
     def _check_incarnation(self, node: str, claim: Claim) -> None:
         """After a batch: if a newer incarnation claimed meanwhile, the batch
-        may have lost to its re-assertion, so it must not be acknowledged."""
+        may be below its fence, so it must not be acknowledged."""
         row = self._exec(self._q.node, (node,), f"check the claim of node {node!r}").one()
         current = row.incarnation if row else None
         self._claims.check(
@@ -378,7 +378,7 @@ class CassandraStore:
             if not moved_on(row.incarnation if row else None, owner.incarnation):
                 return "pending"  # the owner is still the same incarnation: its batch may land
             # The owner's incarnation was re-claimed without the record: its
-            # batch can never land now (the re-assertion fenced it).
+            # batch can never count now (it is below the new fence).
         # Take the key over, unless someone else just did.
         ttl = max(1, int(k.expires - time.time()) + 1)
         values = (ttl, node, claim.incarnation, k.token, k.key, owner.key_token)
