@@ -309,3 +309,31 @@ def test_a_write_vouched_for_by_a_lease_skips_the_fencing_read(
     with pytest.raises(Fenced):
         old.write(NODE, e, [], [("c_total", A, 3, 1.0)])
     assert values(new) == {A: 2}
+
+
+@pytest.mark.g5
+def test_cluster_totals_read_again_only_the_partitions_that_changed(
+    stores: tuple[CassandraStore, Steps],
+) -> None:
+    old, new = stores
+    e1 = old.claim(NODE, epoch=1)
+    e2 = old.claim("node-2", epoch=1)
+    old.write(NODE, e1, [C], [("c_total", A, 1, 1.0)])
+    old.write("node-2", e2, [C], [("c_total", A, 2, 1.0)])
+
+    def totals(store: CassandraStore, name: str | None = None) -> list[tuple[str, str, Any]]:
+        return [(n, labels, v) for n, _, labels, v in store.read_cluster(name).rows]
+
+    assert totals(new) == [(NODE, A, 1), ("node-2", A, 2)]
+    assert new._totals.reads == 2
+    assert totals(new) == [(NODE, A, 1), ("node-2", A, 2)]
+    assert new._totals.reads == 2, "nothing changed: no partition read again"
+    old.write(NODE, e1, [], [("c_total", A, 5, 1.0)])
+    assert totals(new) == [(NODE, A, 5), ("node-2", A, 2)]
+    assert new._totals.reads == 3, "only the partition written since"
+    n = incarnation_of(old)
+    new.claim(NODE, epoch=2)  # a new fence: read again
+    late(old, n, 50, {A: 99})  # a late batch of the old incarnation: below the fence
+    assert totals(new) == [(NODE, A, 5), ("node-2", A, 2)]
+    assert totals(new, "c_total") == [(NODE, A, 5), ("node-2", A, 2)]
+    assert totals(new, "other_total") == []

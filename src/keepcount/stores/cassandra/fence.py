@@ -152,15 +152,23 @@ class FenceStatements:
             "USING TIMESTAMP ?"
         )
         self.fence = p(
-            f"UPDATE {ks}.node_rows USING TIMESTAMP ? SET fence = ?, parts = ? WHERE node = ?"
+            f"UPDATE {ks}.node_rows USING TIMESTAMP ? SET fence = ?, parts = ?, version = ? "
+            "WHERE node = ?"
         )
+        self.version = p(f"UPDATE {ks}.node_rows USING TIMESTAMP ? SET version = ? WHERE node = ?")
+        self.head = p(f"SELECT DISTINCT node, fence, version FROM {ks}.node_rows WHERE node = ?")
         self.drop = p(
             f"DELETE FROM {ks}.node_rows USING TIMESTAMP ? "
             "WHERE node = ? AND name = ? AND labels >= ? AND labels < ?"
         )
 
 
-_COLUMNS = {"chunk": "blob", "fence": "bigint static", "parts": "int static"}
+_COLUMNS = {
+    "chunk": "blob",
+    "fence": "bigint static",
+    "parts": "int static",
+    "version": "bigint static",
+}
 
 
 def ensure_schema(session: Any, ks: str) -> None:

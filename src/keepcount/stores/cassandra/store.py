@@ -39,6 +39,7 @@ from keepcount.stores.cassandra.fence import (
     key_counts,
 )
 from keepcount.stores.cassandra.session import connect, parse_url, translate
+from keepcount.stores.cassandra.totals import TotalsCache
 from keepcount.stores.lww import Claim, Claims, claim_epoch, claim_race, moved_on
 
 __all__ = ["CassandraStore"]
@@ -76,6 +77,7 @@ class CassandraStore:
         except BaseException as exc:
             self._cluster.shutdown()
             raise translate(exc, f"store {url}: cannot open") from exc
+        self._totals = TotalsCache(url, self._f)
         self._created: dict[str, dict[str, dict[str, float]]] = {}
         """What each claim read of ``created`` times, for the ``load_created`` after it."""
         from cassandra import ConsistencyLevel
@@ -145,7 +147,7 @@ class CassandraStore:
         """The fence to this incarnation (from then on the read rule ignores
         every older write), then the older checkpoints dropped."""
         base = CLOCK.at(claim.generation)
-        self._exec(self._f.fence, (base, claim.incarnation, view.parts, node),
+        self._exec(self._f.fence, (base, claim.incarnation, view.parts, base, node),
                    f"fence node {node!r}", write=True)  # fmt: skip
         older = chunk_labels(claim.incarnation, 0)
         drops = [(self._f.drop, (base, node, name, older[0], older)) for name in view.names()]
@@ -212,21 +214,9 @@ class CassandraStore:
         return View.read(self.url, node, self._exec(self._f.rows, (node,), f"load node {node!r}"))
 
     def read_cluster(self, name: str | None = None) -> ClusterSnapshot:
-        snap = ClusterSnapshot()
         nodes = [r.node for r in self._exec(self._q.nodes, (), "read cluster totals")]
-        where = f"store {self.url}: read cluster totals failed"
-        if name is None:
-            reads = self._gather_all([(self._f.rows, (node,)) for node in nodes], where)
-        else:
-            reads = self._gather_all([(self._f.rows_named, (node, name)) for node in nodes], where)
-        for node, rows in zip(nodes, reads, strict=True):
-            view = View.read(self.url, node, rows, whole=name is None)
-            if view.families:
-                snap.families[node] = view.families
-            for metric, series in view.series.items():
-                snap.rows.extend((node, metric, labels, v) for labels, (v, _) in series.items())
-        snap.rows.sort()
-        return snap
+        where = f"store {self.url}: read cluster totals"
+        return self._totals.read(nodes, name, lambda queries: self._gather_all(queries, where))
 
     # -- writing -------------------------------------------------------------------
 
@@ -265,6 +255,7 @@ class CassandraStore:
             with claim.lock:
                 claim.known.update((name, labels) for name, labels, _, _ in head)
         batch = BatchStatement(BatchType.UNLOGGED, consistency_level=self._cl.QUORUM)
+        batch.add(self._f.version, (ts, ts, node))  # what cluster totals check first
         for f in families:
             batch.add(self._q.family, (
                 node, f.name, DEF, f.kind, f.help, json.dumps(list(f.labelnames)),
