@@ -81,8 +81,7 @@ def incarnation_of(store: CassandraStore) -> int:
 
 def values(store: CassandraStore) -> dict[str, Any]:
     """The node's values as any reader sees them now (not a claim's cached read)."""
-    rows = store._session.execute(store._f.rows, (NODE,))
-    return View.read(store.url, NODE, rows).snapshot().values.get("c_total", {})
+    return CassandraStore._view(store, NODE).snapshot().values.get("c_total", {})
 
 
 A, B, Z = '["a"]', '["b"]', '["z"]'

@@ -76,7 +76,7 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +97,7 @@ __all__ = [
     "ensure_schema",
     "is_checkpoint",
     "key_counts",
+    "read_views",
 ]
 
 CLOCK = Clock(seq_bits=32)
@@ -130,22 +131,27 @@ def chunk_labels(incarnation: int, index: int) -> str:
 class FenceStatements:
     """The statements of the fence, prepared once on keyspace ``ks``."""
 
-    COLUMNS = (
-        "name, labels, ival, sval, created, kind, help, labelnames, buckets, fingerprint, "
-        "result, key_token, expires, chunk, fence, parts, writetime(ival) AS wt_ival, "
-        "writetime(sval) AS wt_sval, writetime(created) AS wt_created, "
-        "writetime(kind) AS wt_kind, writetime(expires) AS wt_expires"
+    SERIES = (
+        "name, labels, ival, sval, created, chunk, fence, parts, writetime(ival) AS wt_ival, "
+        "writetime(sval) AS wt_sval, writetime(created) AS wt_created"
     )
+    """The columns of the partition read: what a series row and a checkpoint
+    chunk hold, and the fence.  Definitions and keys have queries of their
+    own: their columns would be null in almost every row, and decoding them
+    cost a restore half as much again as the read itself."""
+    FAMILY = "name, kind, help, labelnames, buckets, writetime(kind) AS wt_kind"
+    KEY = "labels, fingerprint, result, key_token, expires, writetime(expires) AS wt_expires"
 
     def __init__(self, session: Any, ks: str) -> None:
         p = session.prepare
-        self.rows = p(f"SELECT {self.COLUMNS} FROM {ks}.node_rows WHERE node = ?")
-        self.rows_named = p(
-            f"SELECT {self.COLUMNS} FROM {ks}.node_rows WHERE node = ? AND name = ?"
+        self.rows = p(f"SELECT {self.SERIES} FROM {ks}.node_rows WHERE node = ?")
+        self.rows_named = p(f"SELECT {self.SERIES} FROM {ks}.node_rows WHERE node = ? AND name = ?")
+        self.families = p(
+            f"SELECT {self.FAMILY} FROM {ks}.node_rows WHERE node = ? AND name IN ? AND labels = ?"
         )
+        self.keys = p(f"SELECT {self.KEY} FROM {ks}.node_rows WHERE node = ? AND name = ''")
         self.key_row = p(
-            "SELECT fence, fingerprint, result, key_token, expires, writetime(expires) AS wt_expires "
-            f"FROM {ks}.node_rows WHERE node = ? AND name = '' AND labels = ?"
+            f"SELECT fence, {self.KEY} FROM {ks}.node_rows WHERE node = ? AND name = '' AND labels = ?"
         )
         self.chunk = p(
             f"INSERT INTO {ks}.node_rows (node, name, labels, chunk) VALUES (?, ?, ?, ?) "
@@ -190,6 +196,47 @@ def ensure_schema(session: Any, ks: str) -> None:
                 raise
 
 
+Gather = Callable[[Sequence[tuple[Any, tuple[Any, ...]]]], list[list[Any]]]
+"""Runs queries at once: every row of each."""
+_IN = 100  # names per ``IN`` of a definitions read
+
+
+def read_views(
+    url: str,
+    f: FenceStatements,
+    gather: Gather,
+    nodes: Sequence[str],
+    name: str | None = None,
+    *,
+    keys: bool = False,
+) -> list[View]:
+    """The views of ``nodes``' partitions (or of family ``name`` in each):
+    their series rows (and ``keys``: key rows) at once, then the definitions
+    of the families those rows name, at once."""
+    first: list[tuple[Any, tuple[Any, ...]]] = []
+    for node in nodes:
+        first.append((f.rows, (node,)) if name is None else (f.rows_named, (node, name)))
+        if keys:
+            first.append((f.keys, (node,)))
+    got = gather(first)
+    step = 2 if keys else 1
+    rows, key_rows = got[::step], (got[1::step] if keys else [[] for _ in nodes])
+    second: list[tuple[Any, tuple[Any, ...]]] = []
+    owners: list[int] = []
+    for i, (node, part) in enumerate(zip(nodes, rows, strict=True)):
+        names = sorted({r.name for r in part if r.labels == DEF})
+        for start in range(0, len(names), _IN):
+            second.append((f.families, (node, names[start : start + _IN], DEF)))
+            owners.append(i)
+    definitions: list[list[Any]] = [[] for _ in nodes]
+    for i, found in zip(owners, gather(second) if second else [], strict=True):
+        definitions[i].extend(found)
+    return [
+        View.read(url, node, part, definitions[i], key_rows[i], whole=name is None)
+        for i, (node, part) in enumerate(zip(nodes, rows, strict=True))
+    ]
+
+
 def key_counts(record: Any) -> bool:
     """Whether a key row (selected with ``fence`` and ``wt_expires``) counts
     under the read rule: written at its partition's fence or later."""
@@ -213,10 +260,20 @@ class View:
     """How many chunks the checkpoint read had (then: the one written)."""
 
     @classmethod
-    def read(cls, url: str, node: str, rows: Iterable[Any], *, whole: bool = True) -> View:
-        """The view of ``rows`` (selected with ``FenceStatements.COLUMNS``);
-        ``whole``: they are the whole partition (the checkpoint's ``parts``
-        are checked), not one family's."""
+    def read(
+        cls,
+        url: str,
+        node: str,
+        rows: Iterable[Any],
+        families: Iterable[Any] = (),
+        keys: Iterable[Any] = (),
+        *,
+        whole: bool = True,
+    ) -> View:
+        """The view of ``rows`` (``FenceStatements.SERIES``), the definition
+        rows (``FAMILY``) and key rows (``KEY``) read with them (``read_views``);
+        ``whole``: the whole partition (the checkpoint's ``parts`` are
+        checked), not one family."""
         view = cls(url, node)
         chunks: dict[str, list[tuple[str, bytes]]] = {}
         parts: int | None = None
@@ -225,23 +282,25 @@ class View:
         for r in rows:
             if r.fence is not None and r.fence != view.fence:
                 view.fence, parts, base = r.fence, r.parts, CLOCK.at(r.fence)
-            if r.labels is None:
-                continue  # the static cells of a partition without rows
-            if r.name == KEYS:
-                if (r.wt_expires or 0) >= base and r.expires is not None and r.expires > now:
-                    view.keys.append(r)
-            elif is_checkpoint(r.labels):
+            if r.labels is None or r.name == KEYS or r.labels == DEF:
+                continue  # static cells alone, a key, a definition: read apart
+            if is_checkpoint(r.labels):
                 chunks.setdefault(r.name, []).append((r.labels, r.chunk))
-            elif r.labels == DEF:
-                if (r.wt_kind or 0) >= base:
-                    view.families[r.name] = _family(
-                        url, r.name, r.kind, r.help, r.labelnames, r.buckets
-                    )
             else:
                 value = view._value(r, base)
                 if value is not None:
                     created = r.created if (r.wt_created or 0) >= base else None
                     view.series.setdefault(r.name, {})[r.labels] = (value, created)
+        for r in families:
+            if (r.wt_kind or 0) >= base:
+                view.families[r.name] = _family(
+                    url, r.name, r.kind, r.help, r.labelnames, r.buckets
+                )
+        view.keys = [
+            r
+            for r in keys
+            if (r.wt_expires or 0) >= base and r.expires is not None and r.expires > now
+        ]
         view.parts = view._apply(chunks, parts if whole else None)
         return view
 

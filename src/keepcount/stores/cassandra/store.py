@@ -10,6 +10,7 @@ checks come from ``keepcount.stores.lww``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -37,6 +38,7 @@ from keepcount.stores.cassandra.fence import (
     chunk_labels,
     ensure_schema,
     key_counts,
+    read_views,
 )
 from keepcount.stores.cassandra.session import connect, parse_url, translate
 from keepcount.stores.cassandra.totals import TotalsCache
@@ -211,7 +213,9 @@ class CassandraStore:
         return cached if cached is not None else self._view(node).created()
 
     def _view(self, node: str) -> View:
-        return View.read(self.url, node, self._exec(self._f.rows, (node,), f"load node {node!r}"))
+        where = f"store {self.url}: load node {node!r}"
+        gather = functools.partial(self._gather_all, what=where)
+        return read_views(self.url, self._f, gather, [node], keys=True)[0]
 
     def read_cluster(self, name: str | None = None) -> ClusterSnapshot:
         nodes = [r.node for r in self._exec(self._q.nodes, (), "read cluster totals")]

@@ -23,16 +23,13 @@ A partition without a version (format 1) is read every time.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from keepcount.stores.base import ClusterSnapshot, FamilyDef, SeriesValue
-from keepcount.stores.cassandra.fence import View
+from keepcount.stores.cassandra.fence import Gather, read_views
 
 __all__ = ["TotalsCache"]
-
-Reader = Callable[[Sequence[tuple[Any, tuple[Any, ...]]]], list[list[Any]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +51,7 @@ class TotalsCache:
         self.reads = 0
         """Partitions (or families of one) read so far: what the cache saves."""
 
-    def read(self, nodes: list[str], name: str | None, gather: Reader) -> ClusterSnapshot:
+    def read(self, nodes: list[str], name: str | None, gather: Gather) -> ClusterSnapshot:
         heads = gather([(self._f.head, (node,)) for node in nodes])
         stale: list[tuple[str, Any]] = []
         parts: dict[str, _Part] = {}
@@ -74,12 +71,8 @@ class TotalsCache:
                     parts[node] = part
                 else:
                     stale.append((node, (fence, version)))
-        queries: list[tuple[Any, tuple[Any, ...]]] = [
-            (self._f.rows, (node,)) if name is None else (self._f.rows_named, (node, name))
-            for node, _ in stale
-        ]
-        for (node, (fence, version)), rows in zip(stale, gather(queries), strict=True):
-            view = View.read(self._url, node, rows, whole=name is None)
+        views = read_views(self._url, self._f, gather, [node for node, _ in stale], name)
+        for (node, (fence, version)), view in zip(stale, views, strict=True):
             # What was read is at least as new as the head read before it: a
             # version that moved on meanwhile only makes the next call read again.
             part = _Part(
