@@ -336,3 +336,46 @@ def test_cluster_totals_read_again_only_the_partitions_that_changed(
     assert totals(new) == [(NODE, A, 5), ("node-2", A, 2)]
     assert totals(new, "c_total") == [(NODE, A, 5), ("node-2", A, 2)]
     assert totals(new, "other_total") == []
+
+
+_V1 = (  # format 1's tables, as keepcount before the fence created them (copied on purpose)
+    "CREATE KEYSPACE {ks} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 3}}",
+    "CREATE TABLE {ks}.meta (name text PRIMARY KEY, val text)",
+    "CREATE TABLE {ks}.nodes (node text PRIMARY KEY, epoch bigint, incarnation bigint, "
+    "claimed_at double, released_at double, pid int, host text)",
+    "CREATE TABLE {ks}.node_rows (node text, name text, labels text, ival bigint, sval text, "
+    "created double, kind text, help text, labelnames text, buckets text, fingerprint text, "
+    "result text, key_token text, expires double, PRIMARY KEY (node, name, labels))",
+    "CREATE TABLE {ks}.key_owner (idem_key text PRIMARY KEY, node text, incarnation bigint, "
+    "key_token text)",
+    "INSERT INTO {ks}.meta (name, val) VALUES ('format', 'keepcount')",
+    "INSERT INTO {ks}.meta (name, val) VALUES ('format_version', '1')",
+    "INSERT INTO {ks}.nodes (node, epoch, incarnation, claimed_at, released_at, pid, host) "
+    "VALUES ('node-1', 3, 3, 1.0, 2.0, 1, 'h')",
+    "INSERT INTO {ks}.node_rows (node, name, labels, kind, help, labelnames) "
+    "VALUES ('node-1', 'c_total', '\x00', 'counter', 'a counter', '[\"k\"]') USING TIMESTAMP 12884901888",
+    "INSERT INTO {ks}.node_rows (node, name, labels, ival, created) "
+    "VALUES ('node-1', 'c_total', '[\"a\"]', 41, 1.0) USING TIMESTAMP 12884901889",
+)
+
+
+def test_a_store_of_format_1_is_upgraded_when_opened(
+    cassandra_up: Any, cassandra_keyspace: str, cassandra_url: str
+) -> None:
+    """Its values are restored exactly, and then it says format 2, so an older
+    keepcount (which does not apply the fence) refuses it."""
+    from cassandra_fixtures import driver_session
+
+    with driver_session(cassandra_up) as s:
+        for statement in _V1:
+            s.execute(statement.format(ks=cassandra_keyspace))
+    store = CassandraStore(cassandra_url)
+    try:
+        e = store.claim(NODE)
+        assert store.load(NODE).values == {"c_total": {A: 41}}
+        store.write(NODE, e, [], [("c_total", A, 42, 1.0)])
+        assert values(store) == {A: 42}
+        meta = dict(store._session.execute(f"SELECT name, val FROM {cassandra_keyspace}.meta"))
+        assert meta["format_version"] == "2"
+    finally:
+        store.close()

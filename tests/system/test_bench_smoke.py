@@ -74,6 +74,40 @@ def test_bench_durable_reports_group_commit(tmp_path: Path) -> None:
     assert notes["writers"] == 64
 
 
+def test_bench_cassandra_scale_quick_measures_every_part(tmp_path: Path) -> None:
+    """`keepcount bench cassandra-scale --quick`: restore of 1k and 10k series, flush,
+    HTTP at 8 and 64 clients (keyed and not), kill -> ready and cluster totals,
+    each against its peer, on a 1-node Cassandra cluster."""
+    if shutil.which("wrk") is None:
+        pytest.fail(f"wrk not found: {INSTALL}")
+    out = tmp_path / "c.json"
+    proc = subprocess.run(
+        [*_keepcount(), "bench", "cassandra-scale", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    result = json.loads(out.read_text())["benchmarks"]["cassandra-scale"]
+    comparisons = {c["measure"]: c for c in result["comparisons"]}
+    for c in comparisons.values():
+        assert c["keepcount"] > 0 and c["peer"] > 0 and c["ratio"] > 0, c["measure"]
+        assert c["peer_name"], c["measure"]
+    assert {"restore 1,000 series (open)", "restore 10,000 series (open)"} <= set(comparisons)
+    http = [m for m in comparisons if m.startswith("HTTP increment p50")]
+    assert len(http) == 4, http
+    assert any(m.startswith("kill -> ready") for m in comparisons)
+    assert sum(m.startswith("cluster totals") for m in comparisons) == 4
+    targeted = [c for c in comparisons.values() if c["target"]]
+    assert len(targeted) == 2 + 1 + 4, [c["measure"] for c in targeted]
+    assert all(c["met"] in (True, False) for c in targeted)
+    notes = result["notes"]
+    assert notes["cassandra_nodes"] == 1 and notes["flushes"] > 0
+    for point in notes["http"]:
+        assert point["ok"] > 0 and point["flushes"] > 0, point
+
+
 def test_bench_prometheus_quick_times_every_case_against_both_peers(tmp_path: Path) -> None:
     """`keepcount bench prometheus --quick`: every case timed against prometheus_client
     in memory (the targets) and in multiprocess mode (its child process answered)."""

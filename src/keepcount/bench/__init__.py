@@ -10,6 +10,11 @@ One module per benchmark, each with ``run(settings, report) -> BenchResult``:
 - ``failover``: a SIGKILLed node of a live cluster: LB, restart, errors, throughput;
 - ``cassandra``: the Cassandra store vs Cassandra counter columns; restore of 100k.
 
+``cassandra_scale`` (``keepcount bench cassandra-scale``, not part of ``all``:
+it writes a million series) measures the Cassandra store at scale (issue 17):
+restore of up to 1M series, flush, HTTP increments, kill -> ready and cluster
+totals, each vs a bare driver call or the node's own flush.
+
 Example::
 
     >>> from pathlib import Path                                    # doctest: +SKIP

@@ -13,6 +13,9 @@ Flask app under multi-worker gunicorn with five metrics backends;
 ``keepcount bench prometheus`` (not part of ``all`` either) times
 ``keepcount.prometheus``'s in-memory calls against prometheus_client's, in
 memory and in multiprocess mode.
+
+``keepcount bench cassandra-scale`` (not part of ``all``: it writes a million
+series, ~7 min) measures the Cassandra store at scale (issue 17).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from keepcount.bench import (
     BenchResult,
     Comparison,
     Settings,
+    cassandra_scale,
     prometheus,
     workers,
 )
@@ -58,14 +62,20 @@ from keepcount.cli.extras import EXTRAS, needs_extra, require
 __all__ = ["bench"]
 
 _RAM_FILESYSTEMS = ("tmpfs", "ramfs")
-_EXTRA_MODULES = {"failover": EXTRAS["etcd"], "cassandra": EXTRAS["cassandra"]}
+_EXTRA_MODULES = {
+    "failover": EXTRAS["etcd"],
+    "cassandra": EXTRAS["cassandra"],
+    "cassandra-scale": (*EXTRAS["cassandra"], *EXTRAS["etcd"]),
+}
 """Benchmarks that need modules of an optional extra (the failover's cluster
-takes its claims in etcd)."""
+takes its claims in etcd; so do cassandra-scale's restarted nodes)."""
 
 
 @click.command()
 @click.argument(
-    "which", type=click.Choice([*BENCHMARKS, "workers", "prometheus", "all"]), default="all"
+    "which",
+    type=click.Choice([*BENCHMARKS, "workers", "prometheus", "cassandra-scale", "all"]),
+    default="all",
 )
 @click.option("--quick", is_flag=True, help="Tiny sizes and short runs: a smoke test.")
 @click.option(
@@ -128,6 +138,7 @@ def bench(
     names = list(BENCHMARKS) if which == "all" else [which]
     runners: dict[str, Callable[[Settings, Report], BenchResult]] = dict(BENCHMARKS)
     runners["prometheus"] = prometheus.run
+    runners["cassandra-scale"] = cassandra_scale.run
     if which == "workers":
         chosen = tuple(b.strip() for b in backends.split(",") if b.strip())
         unknown = sorted(set(chosen) - set(workers.BACKENDS))

@@ -167,6 +167,8 @@ class FenceStatements:
             f"DELETE FROM {ks}.node_rows USING TIMESTAMP ? "
             "WHERE node = ? AND name = ? AND labels >= ? AND labels < ?"
         )
+        for statement in vars(self).values():  # reads, or writes at explicit timestamps
+            statement.is_idempotent = True
 
 
 _COLUMNS = {

@@ -20,6 +20,7 @@ from keepcount.errors import (
     OutcomeUnknown,
     StoreUnavailable,
 )
+from keepcount.stores.cassandra.fence import ensure_schema
 
 __all__ = [
     "DEFAULT_PORT",
@@ -34,7 +35,10 @@ __all__ = [
 
 log = logging.getLogger("keepcount.stores.cassandra")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the claim fence (``fence``: static ``fence``/``parts``/``version``, the
+checkpoint's ``chunk``).  A store of format 1 is upgraded when opened: its
+partitions have no fence, and the read rule counts every cell of those."""
 DEFAULT_PORT = 9042
 DEFAULT_REPLICATION = 3
 REQUEST_TIMEOUT = 10.0
@@ -83,15 +87,17 @@ def connect(
     """(the driver's ``Cluster``, a session, its ``Statements``) for a
     keepcount keyspace ``ks`` on ``hosts``, ``setup`` first: QUORUM reads and
     writes, SERIAL for lightweight transactions, and no driver retries
-    (errors are ``translate``d by the store).  The cluster is shut down
-    again if anything fails."""
+    (errors are ``translate``d by the store) but one: an idempotent request
+    whose coordinator's connection broke goes to the next host
+    (``_retry_policy``).  The cluster is shut down again if anything fails."""
     driver = _driver()
     from cassandra import ConsistencyLevel
-    from cassandra.policies import FallthroughRetryPolicy, RoundRobinPolicy
+    from cassandra.policies import RoundRobinPolicy
 
+    retry = _retry_policy()
     profile = driver.ExecutionProfile(
         load_balancing_policy=RoundRobinPolicy(),
-        retry_policy=FallthroughRetryPolicy(),  # errors are ours to translate
+        retry_policy=retry,
         consistency_level=ConsistencyLevel.QUORUM,
         serial_consistency_level=ConsistencyLevel.SERIAL,
         request_timeout=REQUEST_TIMEOUT,
@@ -149,6 +155,7 @@ def setup(session: Any, url: str, ks: str, replication: int | None) -> None:
         )
     for stmt in _SCHEMA:
         s.execute(stmt.format(ks=ks))
+    ensure_schema(s, ks)
     meta = dict(s.execute(f"SELECT name, val FROM {ks}.meta"))
     if "format" not in meta or "format_version" not in meta:
         # A new store: marked with lightweight transactions, so concurrent
@@ -161,6 +168,14 @@ def setup(session: Any, url: str, ks: str, replication: int | None) -> None:
             (str(FORMAT_VERSION),),
         )
         meta = dict(s.execute(f"SELECT name, val FROM {ks}.meta"))
+    if meta.get("format") == "keepcount" and meta.get("format_version") == "1":
+        # Format 1 wrote no fence: its columns exist now (ensure_schema), and
+        # from here on a keepcount that reads format 1 only must refuse it.
+        s.execute(
+            f"UPDATE {ks}.meta SET val = %s WHERE name = 'format_version' IF val = '1'",
+            (str(FORMAT_VERSION),),
+        )
+        meta = dict(s.execute(f"SELECT name, val FROM {ks}.meta"))
     if meta.get("format") != "keepcount":
         raise CorruptStore(f"store {url}: keyspace {ks} is not a keepcount store")
     if meta.get("format_version") != str(FORMAT_VERSION):
@@ -170,8 +185,62 @@ def setup(session: Any, url: str, ks: str, replication: int | None) -> None:
         )
 
 
+def _retry_policy() -> Any:
+    """The driver's retry policy: ``FallthroughRetryPolicy`` (a timeout, an
+    unavailable or overloaded replica is the store's to ``translate``), except
+    for a request whose connection to its coordinator broke (the coordinator
+    died: SIGKILL, crash, reset): an idempotent one is sent to the next host
+    in the plan, up to twice.
+
+    Issue 17: without it every request in flight to a killed node failed
+    at once (``ConnectionShutdown``), so every node's flush failed and its
+    keyed requests were answered 503; HAProxy resent them to other nodes
+    while their first nodes wrote the same keys again, and the two
+    ``INSERT ... IF NOT EXISTS`` of one key contended.  Until the failure
+    detector convicts the dead replica (~10 s), Paxos still counts it as a
+    participant, and a proposer that lost a round waits for *every*
+    participant's answer (CASSANDRA-6013): 2 s (``write_request_timeout``)
+    per contended key, the whole flush with it, and more 503s resent to
+    other nodes: acknowledgements stopped for 5 s.
+
+    Idempotent: a statement whose ``is_idempotent`` is set (the driver's own
+    flag; a bound statement takes it from its prepared one): ``Statements``
+    and ``FenceStatements`` set it, and the store on every batch it sends
+    (absolute values at explicit timestamps)."""
+    from cassandra.connection import ConnectionException
+    from cassandra.policies import FallthroughRetryPolicy
+
+    class RetryOnAnotherCoordinator(FallthroughRetryPolicy):  # type: ignore[misc]
+        max_retries = 2
+
+        def on_request_error(
+            self, query: Any, consistency: Any, error: Any, retry_num: int
+        ) -> tuple[Any, Any]:
+            if (
+                isinstance(error, ConnectionException)
+                and retry_num < self.max_retries
+                and getattr(query, "is_idempotent", False)
+            ):
+                return self.RETRY_NEXT_HOST, None
+            return self.RETHROW, None
+
+    return RetryOnAnotherCoordinator()
+
+
 class Statements:
-    """Every statement the store runs, prepared once on keyspace ``ks``."""
+    """Every statement the store runs, prepared once on keyspace ``ks``.
+
+    Every one is marked ``is_idempotent`` (the driver may send it to another
+    coordinator when the connection to its own broke, ``_retry_policy``):
+    reads, writes at explicit timestamps, and two lightweight transactions,
+    ``own`` (run twice, the second finds its own node and token, which the
+    store counts as taken) and ``release`` — but the claims and ``take``
+    (run twice, one that applied looks lost).  No speculative execution for
+    any: two coordinators running one ``own`` at once contend with each
+    other, the stall of issue 17.  ``rows`` is the plain read of a
+    partition, the benchmarks' peer (the store reads through ``fence``)."""
+
+    _ONCE = frozenset({"claim_new", "claim", "take"})
 
     def __init__(self, session: Any, ks: str) -> None:
         p = session.prepare
@@ -191,11 +260,6 @@ class Statements:
             "SELECT name, labels, ival, sval, created, kind, help, labelnames, buckets, "
             f"fingerprint, result, key_token, expires FROM {ks}.node_rows WHERE node = ?"
         )
-        self.rows_named = p(
-            "SELECT name, labels, ival, sval, kind, help, labelnames, buckets "
-            f"FROM {ks}.node_rows WHERE node = ? AND name = ?"
-        )
-        self.created = p(f"SELECT name, labels, created FROM {ks}.node_rows WHERE node = ?")
         self.series_i = p(
             f"INSERT INTO {ks}.node_rows (node, name, labels, ival) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
         )
@@ -214,16 +278,6 @@ class Statements:
             f"INSERT INTO {ks}.node_rows (node, name, labels, fingerprint, result, key_token, expires) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ? AND TIMESTAMP ?"
         )
-        self.row_all = p(
-            f"INSERT INTO {ks}.node_rows (node, name, labels, ival, sval, created, kind, help, "
-            "labelnames, buckets, fingerprint, result, key_token, expires) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ? AND TIMESTAMP ?"
-        )
-        self.tombstone = p(f"DELETE FROM {ks}.node_rows USING TIMESTAMP ? WHERE node = ?")
-        self.key_row = p(
-            f"SELECT fingerprint, result, key_token, expires FROM {ks}.node_rows "
-            "WHERE node = ? AND name = '' AND labels = ?"
-        )
         self.own = p(
             f"INSERT INTO {ks}.key_owner (idem_key, node, incarnation, key_token) VALUES (?, ?, ?, ?) "
             "IF NOT EXISTS USING TTL ?"
@@ -236,6 +290,8 @@ class Statements:
             f"SELECT node, incarnation, key_token FROM {ks}.key_owner WHERE idem_key = ?"
         )
         self.nodes = p(f"SELECT node, epoch, claimed_at, released_at FROM {ks}.nodes")
+        for name, statement in vars(self).items():
+            statement.is_idempotent = name not in self._ONCE
 
 
 _SCHEMA = (

@@ -36,7 +36,6 @@ from keepcount.stores.cassandra.fence import (
     FenceStatements,
     View,
     chunk_labels,
-    ensure_schema,
     key_counts,
     read_views,
 )
@@ -74,7 +73,6 @@ class CassandraStore:
         self._claims = Claims(f"store {url}")
         self._cluster, self._session, self._q = connect(url, hosts, self.keyspace, replication)
         try:
-            ensure_schema(self._session, self.keyspace)
             self._f = FenceStatements(self._session, self.keyspace)
         except BaseException as exc:
             self._cluster.shutdown()
@@ -164,11 +162,10 @@ class CassandraStore:
     ) -> None:
         """Single-partition batches of ``per_batch`` statements, up to
         ``CONCURRENT_BATCHES`` in flight; each is atomic, the whole is not."""
-        from cassandra.query import BatchStatement, BatchType
 
         batches = []
         for start in range(0, len(statements), per_batch):
-            batch = BatchStatement(BatchType.UNLOGGED, consistency_level=self._cl.QUORUM)
+            batch = self._batch()
             for q, values in statements[start : start + per_batch]:
                 batch.add(q, values)
             batches.append(batch)
@@ -186,6 +183,16 @@ class CassandraStore:
 
     def vouch(self, node: str, epoch: int, trusted: Callable[[], bool]) -> None:
         self._claims.vouch(node, epoch, trusted)
+
+    def _batch(self) -> Any:
+        """A single-partition batch at QUORUM; idempotent (absolute values at
+        explicit timestamps): the driver may send it again to another
+        coordinator when its own connection broke (``session._retry_policy``)."""
+        from cassandra.query import BatchStatement, BatchType
+
+        batch = BatchStatement(BatchType.UNLOGGED, consistency_level=self._cl.QUORUM)
+        batch.is_idempotent = True
+        return batch
 
     def release(self, node: str, epoch: int) -> None:
         _, is_open = self._claims.release(node)
@@ -232,7 +239,6 @@ class CassandraStore:
         series: Sequence[SeriesRow],
         keys: Sequence[KeyRecord] = (),
     ) -> None:
-        from cassandra.query import BatchStatement, BatchType
 
         for f in families:
             check_kind(f.kind)
@@ -258,7 +264,7 @@ class CassandraStore:
             self._batch_rows(self._series(node, claim, ts, head), node, "write")
             with claim.lock:
                 claim.known.update((name, labels) for name, labels, _, _ in head)
-        batch = BatchStatement(BatchType.UNLOGGED, consistency_level=self._cl.QUORUM)
+        batch = self._batch()
         batch.add(self._f.version, (ts, ts, node))  # what cluster totals check first
         for f in families:
             batch.add(self._q.family, (
