@@ -18,19 +18,16 @@ contended ``INSERT ... IF NOT EXISTS`` waited 2 s for the dead replica
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
+from clusters import running, wait_for
 
 from keepcount.cluster.cassandra import CassandraCluster
-from keepcount.cluster.spec import ClusterSpec
-from keepcount.cluster.supervisor import Supervisor
 from keepcount.cluster.workload import KeyedLoad, labels_key
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.g1]
@@ -71,32 +68,6 @@ class TimedLoad(KeyedLoad):
         return max((w for t, w in self.waits if start <= t < end), default=0.0)
 
 
-async def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not cond():
-        assert time.monotonic() - started < timeout, f"{what} (after {timeout} s)"
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
-
-
-@contextlib.asynccontextmanager
-async def keepcount_on(tmp_path: Path, store: str) -> AsyncIterator[Supervisor]:
-    spec = ClusterSpec.allocate(tmp_path / "cluster", nodes=3, store=store)
-    spec.save()
-    sup = Supervisor(spec, api=False)
-    task = asyncio.create_task(sup.run())
-    try:
-        await wait_for(lambda: sup.ready.is_set() or task.done(), 120, "cluster start")
-        if task.done():
-            task.result()
-        yield sup
-    finally:
-        sup.stop()
-        await asyncio.wait_for(task, 90)
-        for path in (spec.directory / "nodes").glob("*.log"):  # shown when a test fails
-            print(f"--- {path.name}\n{path.read_text(errors='replace')[-1500:]}")
-
-
 async def totals(session: aiohttp.ClientSession, url: str) -> dict[str, int]:
     async with session.get(f"{url}/v1/cluster/counters/{NAME}") as r:
         body = await r.json()
@@ -115,7 +86,7 @@ def test_a_replica_killed_and_restarted_stalls_no_acknowledgement(
 
 async def _kill_and_restart(tmp_path: Path, cassandra: CassandraCluster, url: str) -> None:
     marks: dict[str, float] = {}
-    async with keepcount_on(tmp_path, url) as sup:
+    async with running(tmp_path, nodes=3, store=url) as sup:
         load = TimedLoad(sup.spec.lb_url, NAME, LABELS, clients=CLIENTS, seed=17)
         stop = asyncio.Event()
         async with aiohttp.ClientSession() as session:

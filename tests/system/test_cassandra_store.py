@@ -11,50 +11,20 @@ cluster's totals: nothing acknowledged was lost, nothing counted twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
+from clusters import running, wait_for
 
 from keepcount.cluster.cassandra import CassandraCluster
 from keepcount.cluster.faults import kill
-from keepcount.cluster.spec import ClusterSpec
-from keepcount.cluster.supervisor import Supervisor
 from keepcount.cluster.workload import KeyedLoad, labels_key
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.g1]
 
 NAME = "orders_total"
 LABELS = [{"shop": s} for s in ("a", "b", "c")]
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not cond():
-        assert time.monotonic() - started < timeout, f"{what} (after {timeout} s)"
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
-
-
-@contextlib.asynccontextmanager
-async def keepcount_on(tmp_path: Path, store: str) -> AsyncIterator[Supervisor]:
-    spec = ClusterSpec.allocate(tmp_path / "cluster", nodes=3, store=store)
-    spec.save()
-    sup = Supervisor(spec, api=False)
-    task = asyncio.create_task(sup.run())
-    try:
-        await wait_for(lambda: sup.ready.is_set() or task.done(), 120, "cluster start")
-        if task.done():
-            task.result()
-        yield sup
-    finally:
-        sup.stop()
-        await asyncio.wait_for(task, 90)
-        for path in (spec.directory / "nodes").glob("*.log"):  # shown when a test fails
-            print(f"--- {path.name}\n{path.read_text(errors='replace')[-1500:]}")
 
 
 def acked(load: KeyedLoad) -> int:
@@ -83,7 +53,7 @@ def test_replicas_killed_under_load(
 
 async def _replicas(tmp_path: Path, cassandra: CassandraCluster, url: str) -> None:
     seen: dict[str, float] = {}
-    async with keepcount_on(tmp_path, url) as sup:
+    async with running(tmp_path, nodes=3, store=url) as sup:
         load = KeyedLoad(sup.spec.lb_url, NAME, LABELS, clients=8, seed=5)
         stop = asyncio.Event()
         async with aiohttp.ClientSession() as session:

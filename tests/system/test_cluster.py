@@ -12,21 +12,20 @@ twice).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from clusters import running, wait_for
 
 from keepcount.cluster.faults import pause
-from keepcount.cluster.spec import ClusterSpec
 from keepcount.cluster.supervisor import Incarnation, Supervisor, process_state
 from keepcount.cluster.workload import KeyedLoad, labels_key
 
@@ -35,34 +34,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 NAME = "orders_total"
 LABELS = [{"shop": s} for s in ("a", "b", "c")]
 KILLS = int(os.environ.get("KEEPCOUNT_CLUSTER_KILLS", "4"))
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not cond():
-        assert time.monotonic() - started < timeout, f"{what} (after {timeout} s)"
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
-
-
-@contextlib.asynccontextmanager
-async def running(
-    tmp_path: Path, *, lb: str = "haproxy", coordinator: str = "etcd", nodes: int = 3
-) -> AsyncIterator[Supervisor]:
-    spec = ClusterSpec.allocate(tmp_path / "cluster", nodes=nodes, lb=lb, coordinator=coordinator)
-    spec.save()
-    sup = Supervisor(spec, api=False)
-    task = asyncio.create_task(sup.run())
-    try:
-        await wait_for(lambda: sup.ready.is_set() or task.done(), 120, "cluster start")
-        if task.done():
-            task.result()
-        yield sup
-    finally:
-        sup.stop()
-        await asyncio.wait_for(task, 90)
-        for path in (spec.directory / "nodes").glob("*.log"):  # shown when a test fails
-            print(f"--- {path.name}\n{path.read_text(errors='replace')[-1500:]}")
 
 
 async def totals(session: aiohttp.ClientSession, url: str) -> dict[str, int]:

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import keepcount
-from keepcount.bench.measure import interleave, median, percentile
+from keepcount.bench import cassandra_scale
+from keepcount.bench.measure import interleave, median, percentile, probe_writes
 from keepcount.bench.result import BenchError, BenchResult, Comparison, Report, Settings
 from keepcount.metrics import CounterChild
 
@@ -66,7 +67,7 @@ def run(settings: Settings, report: Report) -> BenchResult:
             url = cluster.url_for(ks)
             durable = _durable(url, settings.duration, repeats, report, steps)
             report(steps - 2, steps, f"cassandra: restore of {restore_n:,} counters")
-            restore = _restore(url, restore_n)
+            restore = cassandra_scale.restore(url, restore_n)
         finally:
             cluster.stop()
     ours, peer, flushes, acked = durable
@@ -117,16 +118,7 @@ def _durable(
     reg = keepcount.open(url, node="bench")
     flushes: list[float] = []
     store: Any = reg.store
-    write = store.write
-
-    def timed(*args: Any, **kwargs: Any) -> None:
-        started = time.perf_counter()
-        try:
-            write(*args, **kwargs)
-        finally:
-            flushes.append(time.perf_counter() - started)
-
-    store.write = timed  # the benchmark's own probe on the flusher's store calls
+    probe_writes(store, lambda seconds, *_: flushes.append(seconds))
     try:
         fam = reg.counter(_NAME, "cassandra benchmark", ["route", "status"])
         children = [fam.labels(f"/r{i // 2}", str(200 + i % 2)) for i in range(LABEL_SETS)]
@@ -220,28 +212,3 @@ def _stats(latencies: list[float], duration: float) -> tuple[float, float, float
         percentile(latencies, 50) * 1e3,
         percentile(latencies, 99) * 1e3,
     )
-
-
-def _restore(url: str, n: int) -> dict[str, Any]:
-    node = "restore"
-    with keepcount.open(url, node=node, max_children=None) as reg:
-        fam = reg.counter("restore_total", "", ["k"])
-        for i in range(n):
-            fam.labels(f"series-{i:07d}").inc(i + 1)
-        reg.commit_sync(timeout=600)
-    started = time.perf_counter()
-    reg = keepcount.open(url, node=node, max_children=None)
-    open_s = time.perf_counter() - started
-    try:
-        restore_seconds = reg.restore_seconds
-        restored = reg.restored_series
-        store: Any = reg.store
-        started = time.perf_counter()
-        rows = list(store._session.execute(store._q.rows, (node,)))
-        bare_s = time.perf_counter() - started
-    finally:
-        reg.close()
-    if restored != n:
-        raise BenchError(f"restored {restored} series of {n}")
-    return {"open_s": open_s, "restore_seconds": restore_seconds, "bare_s": bare_s,
-            "rows": len(rows)}  # fmt: skip

@@ -36,7 +36,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from keepcount.bench.http import _BODIES, _PATH, _stored
-from keepcount.bench.measure import median, percentile
+from keepcount.bench.measure import median, percentile, probe_writes
 from keepcount.bench.result import BenchError, Comparison, Target
 from keepcount.bench.wrk import WrkRun, require_wrk, run_wrk
 from keepcount.nodeproc import NodeProcess, free_port, http_get, http_request
@@ -75,18 +75,12 @@ class _FlushProbe:
     def install(self, store: Any) -> None:
         if self._store is store:
             return
-        write = store.write
-
-        def timed(*args: Any, **kwargs: Any) -> None:
-            started = time.perf_counter()
-            try:
-                write(*args, **kwargs)
-            finally:
-                with self._lock:
-                    self._seconds.append(time.perf_counter() - started)
-
-        store.write = timed
+        probe_writes(store, self._record)
         self._store = store
+
+    def _record(self, seconds: float, *_: Any) -> None:
+        with self._lock:
+            self._seconds.append(seconds)
 
     def take(self) -> list[float]:
         with self._lock:

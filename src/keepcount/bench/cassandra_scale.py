@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import keepcount
-from keepcount.bench.measure import median, percentile
+from keepcount.bench.measure import median, percentile, probe_writes
 from keepcount.bench.result import BenchError, BenchResult, Comparison, Report, Settings, Target
 from keepcount.errors import KeepcountError, StoreUnavailable
 from keepcount.totals import SeriesTotal
@@ -126,7 +126,7 @@ def run(settings: Settings, report: Report) -> BenchResult:
             restores = []
             for n in sizes(quick):
                 step(f"writing and restoring {n:,} series")
-                restores.append((n, _restore(url(f"r{n}"), n)))
+                restores.append((n, restore(url(f"r{n}"), n)))
             step(f"flushes of {FLUSH_SERIES} series vs bare batches")
             flush = _flush(url("flush"), 2 * settings.duration)
             http = cassandra_http.http_points(url("http"), work, settings.duration, step)
@@ -200,14 +200,14 @@ def _commit(reg: keepcount.Registry, what: str) -> None:
             log.warning("%s, attempt %d: %s", what, attempt, exc)
 
 
-def _restore(url: str, n: int) -> dict[str, Any]:
+def restore(url: str, n: int) -> dict[str, Any]:
     """Write ``n`` series into one node id, then time its ``keepcount.open``
     and, once the registry's background read of created times is done, a
     bare read of its partition on the registry's own session.
 
-    ``keepcount.bench.cassandra``'s restore, but with a commit timeout that
-    grows with ``n`` (1M series take minutes to write on 3 nodes) and the
-    background read kept out of the bare one's way."""
+    Also ``keepcount bench cassandra``'s restore.  The commit timeout grows
+    with ``n`` (1M series take minutes to write on 3 nodes), and the
+    background read is kept out of the bare one's way."""
     node = "restore"
     write_s = write_series(url, node, n)
     started = time.perf_counter()
@@ -255,17 +255,12 @@ def _flush(url: str, budget: float) -> dict[str, list[float]]:
     reg = keepcount.open(url, node="flush", max_children=None, flush_interval=None)
     try:
         store: Any = reg.store
-        write = store.write
 
-        def timed(*args: Any, **kwargs: Any) -> None:
-            started = time.perf_counter()
-            try:
-                write(*args, **kwargs)
-            finally:
-                ours.append(time.perf_counter() - started)
-                written.append(args[3] if len(args) > 3 else kwargs["series"])
+        def timed(seconds: float, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            ours.append(seconds)
+            written.append(args[3] if len(args) > 3 else kwargs["series"])
 
-        store.write = timed  # the benchmark's probe on the flusher's store calls
+        probe_writes(store, timed)
         fam = reg.counter(SERIES_NAME, "cassandra-scale flushes", ["k"])
         children = [fam.labels(f"series-{i:07d}") for i in range(FLUSH_SERIES)]
         session = store._session

@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 import timeit
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from keepcount.bench.result import Comparison, Report
 
-__all__ = ["interleave", "median", "percentile", "progress", "timeit_loops", "timeit_sampler"]
+__all__ = [
+    "interleave",
+    "median",
+    "percentile",
+    "probe_writes",
+    "progress",
+    "timeit_loops",
+    "timeit_sampler",
+]
 
 
 def interleave(
@@ -97,3 +106,21 @@ def latency_comparisons(
         )
         for q in ("p50", "p99")
     ]
+
+
+Probe = Callable[[float, tuple[Any, ...], dict[str, Any]], None]
+
+
+def probe_writes(store: Any, record: Probe) -> None:
+    """Time every ``store.write`` from now on (the flusher's store calls):
+    ``record(seconds, args, kwargs)`` after each, failed ones too."""
+    write = store.write
+
+    def timed(*args: Any, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        try:
+            write(*args, **kwargs)
+        finally:
+            record(time.perf_counter() - started, args, kwargs)
+
+    store.write = timed

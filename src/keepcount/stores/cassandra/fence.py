@@ -254,8 +254,10 @@ class View:
     node: str
     fence: int = 0
     families: dict[str, FamilyDef] = field(default_factory=dict)
-    series: dict[str, dict[str, tuple[SeriesValue, float | None]]] = field(default_factory=dict)
-    """name -> labels -> (value, created)."""
+    values: dict[str, dict[str, SeriesValue]] = field(default_factory=dict)
+    """name -> labels -> value."""
+    created: dict[str, dict[str, float]] = field(default_factory=dict)
+    """name -> labels -> created time, where one is known."""
     keys: list[Any] = field(default_factory=list)
     """Key rows that count and have not expired."""
     parts: int = 0
@@ -291,8 +293,9 @@ class View:
             else:
                 value = view._value(r, base)
                 if value is not None:
-                    created = r.created if (r.wt_created or 0) >= base else None
-                    view.series.setdefault(r.name, {})[r.labels] = (value, created)
+                    view.values.setdefault(r.name, {})[r.labels] = value
+                    if r.created is not None and (r.wt_created or 0) >= base:
+                        view.created.setdefault(r.name, {})[r.labels] = r.created
         for r in families:
             if (r.wt_kind or 0) >= base:
                 view.families[r.name] = _family(
@@ -331,13 +334,12 @@ class View:
                 definition, series = self._decode(name, blob)
                 if definition is not None and name not in self.families:
                     self.families[name] = _family(self.url, name, *definition)
-                have = self.series.setdefault(name, {})
+                have = self.values.setdefault(name, {})
+                when = self.created.setdefault(name, {})
                 for lab, value, created in series:
-                    held = have.get(lab)
-                    if held is None:
-                        have[lab] = (value, created)
-                    elif held[1] is None:
-                        have[lab] = (held[0], created)
+                    have.setdefault(lab, value)
+                    if created is not None:
+                        when.setdefault(lab, created)
         if self.fence and parts is not None and found != parts:
             raise CorruptStore(
                 f"store {self.url}: node {self.node!r}: its checkpoint has {found} of "
@@ -355,24 +357,26 @@ class View:
             ) from None
 
     def snapshot(self) -> Snapshot:
+        """The view as a ``Snapshot``, checked as ``Snapshot.add_series``
+        checks each series (a family's values checked in one pass)."""
         snap = Snapshot(families=dict(self.families))
-        where = f"store {self.url}"
-        for name, series in self.series.items():
-            for labels, (value, _) in series.items():
-                snap.add_series(where, self.node, name, labels, value)
+        for name, series in self.values.items():
+            family = self.families.get(name)
+            counter = family is not None and family.kind == "counter"
+            if family is None or any(isinstance(v, int) != counter for v in series.values()):
+                for labels, value in series.items():  # names the series, raises
+                    snap.add_series(f"store {self.url}", self.node, name, labels, value)
+            if series:
+                snap.values[name] = dict(series)
         return snap
 
-    def created(self) -> dict[str, dict[str, float]]:
-        out: dict[str, dict[str, float]] = {}
-        for name, series in self.series.items():
-            for labels, (_, created) in series.items():
-                if created is not None:
-                    out.setdefault(name, {})[labels] = created
-        return out
+    def created_times(self) -> dict[str, dict[str, float]]:
+        """``Store.load_created``'s answer: the known created times, by family."""
+        return {name: dict(when) for name, when in self.created.items() if when}
 
     def names(self) -> set[str]:
         """Every metric name the view holds (a definition or series)."""
-        return self.families.keys() | self.series.keys()
+        return self.families.keys() | self.values.keys()
 
     def checkpoint(self, incarnation: int) -> Iterator[tuple[str, str, bytes]]:
         """(name, labels, compressed chunk) of this view as incarnation
@@ -383,7 +387,8 @@ class View:
             if f is not None:
                 buckets = json.dumps(list(f.buckets[:-1])) if f.buckets else None
                 definition = (f.kind, f.help, json.dumps(list(f.labelnames)), buckets)
-            items = [(lab, v, c) for lab, (v, c) in self.series.get(name, {}).items()]
+            when = self.created.get(name, {})
+            items = [(lab, v, when.get(lab)) for lab, v in self.values.get(name, {}).items()]
             for i, start in enumerate(range(0, max(len(items), 1), CHUNK_SERIES)):
                 body = (definition if i == 0 else None, items[start : start + CHUNK_SERIES])
                 yield name, chunk_labels(incarnation, i), zlib.compress(_ENCODE.encode(body), 1)

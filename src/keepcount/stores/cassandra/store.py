@@ -113,7 +113,7 @@ class CassandraStore:
         claim = Claim(new_epoch, incarnation, generation=incarnation)
         view = self._fence(node, claim)
         claim.restored(view.snapshot())
-        self._created[node] = view.created()
+        self._created[node] = view.created_times()
         self._claims.add(node, claim)
         return new_epoch
 
@@ -217,7 +217,7 @@ class CassandraStore:
 
     def load_created(self, node: str) -> dict[str, dict[str, float]]:
         cached = self._created.pop(node, None)
-        return cached if cached is not None else self._view(node).created()
+        return cached if cached is not None else self._view(node).created_times()
 
     def _view(self, node: str) -> View:
         where = f"store {self.url}: load node {node!r}"

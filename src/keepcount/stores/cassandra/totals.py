@@ -81,8 +81,8 @@ class TotalsCache:
                 view.families,
                 [
                     (m, labels, v)
-                    for m, series in view.series.items()
-                    for labels, (v, _) in series.items()
+                    for m, series in view.values.items()
+                    for labels, v in series.items()
                 ],
             )
             parts[node] = part
