@@ -8,6 +8,7 @@ import pytest
 
 from keepcount import ClaimConflict, Fenced, InvalidInput
 from keepcount.errors import KeyConflict
+from keepcount.stores import open_store
 from keepcount.stores.base import FamilyDef, KeyRecord, SeriesRow, Store, check_kind
 
 C = FamilyDef("c_total", "counter", "a counter", ("k",))
@@ -117,6 +118,39 @@ def test_a_stale_late_batch_changes_nothing_not_even_cells_the_new_one_left_alon
             "node-1", old, [], [("c_total", '["a"]', 99, 1.0), ("c_total", '["z"]', 5, 1.0)]
         )
     assert other.load("node-1").values["c_total"] == {'["a"]': 10, '["b"]': 3}
+
+
+@pytest.mark.g4
+def test_a_third_claim_restores_what_the_second_restored_and_wrote_not_the_late_batch(
+    store: Store, other: Store, store_url: str
+) -> None:
+    """A late batch of the first incarnation lands after the second's claim,
+    before its first write (one series it rewrites, one it never does, one
+    it does not know): the third claim restores the second's state exactly.
+    (The Cassandra store's own interleavings, at every step of a claim, are
+    in ``test_cassandra_fence.py``.)"""
+    old = store.claim("node-1", epoch=1)
+    store.write("node-1", old, [C], [("c_total", '["a"]', 10, 1.0), ("c_total", '["b"]', 3, 1.0)])
+    new = other.claim("node-1", epoch=2)
+    with pytest.raises(Fenced):
+        store.write(
+            "node-1",
+            old,
+            [],
+            [
+                ("c_total", '["a"]', 99, 1.0),
+                ("c_total", '["b"]', 99, 1.0),
+                ("c_total", '["z"]', 5, 1.0),
+            ],
+        )
+    other.write("node-1", new, [], [("c_total", '["b"]', 4, 1.0)])
+    other.release("node-1", new)
+    third = open_store(store_url)
+    try:
+        assert third.claim("node-1", epoch=3) == 3
+        assert third.load("node-1").values["c_total"] == {'["a"]': 10, '["b"]': 4}
+    finally:
+        third.close()
 
 
 @pytest.mark.g4
