@@ -18,9 +18,13 @@ cd "$(dirname "$0")/.."
 # network partitions of `keepcount verify` (rules on loopback, per cgroup).
 # prometheus: only for its promtool, which the tests run (`promtool check
 # metrics`) on every /metrics keepcount serves; its service is never started.
+# fuse3 (+ libfuse3-dev, pkg-config): the power-loss tests' filesystem, which
+# drops every write not fsynced when the power is "cut".  faketime: the
+# verifier's clock nemesis (libfaketime preloaded into node processes).
 APT_PACKAGES=(python3 python3-venv python3-pip redis-server redis-tools wrk
               etcd-server etcd-client haproxy nginx zookeeper maven
-              chromium chromium-driver nodejs npm nftables prometheus)
+              chromium chromium-driver nodejs npm nftables prometheus
+              fuse3 libfuse3-dev pkg-config faketime)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"
@@ -49,6 +53,10 @@ for pkg in "${APT_PACKAGES[@]}"; do
     npm) command -v npm >/dev/null 2>&1 || missing+=("$pkg") ;;
     nftables) command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=("$pkg") ;;
     prometheus) command -v promtool >/dev/null 2>&1 || missing+=("$pkg") ;;
+    fuse3) command -v fusermount3 >/dev/null 2>&1 || missing+=("$pkg") ;;
+    libfuse3-dev) [ -f /usr/include/fuse3/fuse.h ] || missing+=("$pkg") ;;
+    pkg-config) command -v pkg-config >/dev/null 2>&1 || missing+=("$pkg") ;;
+    faketime) command -v faketime >/dev/null 2>&1 || missing+=("$pkg") ;;
   esac
 done
 if [ "${#missing[@]}" -gt 0 ]; then
