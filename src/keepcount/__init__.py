@@ -16,6 +16,7 @@ from keepcount.errors import (
     DefinitionConflict,
     Fenced,
     IdempotencyKeyReused,
+    IdempotencyKeySettled,
     InvalidInput,
     KeepcountError,
     OutcomeUnknown,
@@ -32,6 +33,7 @@ from keepcount.metrics import (
     HistogramValue,
 )
 from keepcount.registry import Receipt, Registry, open
+from keepcount.settle import Settlement, SettleStatus
 from keepcount.totals import SeriesTotal
 
 __version__ = "0.1.0"
@@ -52,12 +54,15 @@ __all__ = [
     "HistogramChild",
     "HistogramValue",
     "IdempotencyKeyReused",
+    "IdempotencyKeySettled",
     "InvalidInput",
     "KeepcountError",
     "OutcomeUnknown",
     "Receipt",
     "Registry",
     "RegistryClosed",
+    "SettleStatus",
+    "Settlement",
     "SeriesTotal",
     "StoreError",
     "StoreUnavailable",

@@ -32,26 +32,7 @@ Protocol (all state below changes only under the registry lock):
 Invariant: every increment is in exactly one of: a dirty child, the batch in
 flight, the store.
 
-Keyed increments (idempotency keys)
------------------------------------
-``submit_keyed()`` does not touch the child's value.  It queues a ``Keyed``
-delta; the flush writes the child's value *plus* its queued deltas together
-with one ``KeyRecord`` per delta, in one store write.  The store refuses the
-whole write if any key is already recorded (``KeyConflict``, by any node on
-the store); the flusher then looks each such key up and:
-
-- drops the delta if the record is another request's: its waiters get the
-  recorded receipt (a replay) or, for another fingerprint,
-  ``IdempotencyKeyReused``;
-- keeps it as written if the record carries the delta's own ``token``: an
-  earlier write whose outcome was unknown did land;
-
-and writes the rest again.  Only after the write succeeded is the delta added
-to the child's value in memory.  A failed write leaves the delta queued (its
-token unchanged) for the next flush; its waiters get the error (not
-acknowledged), and a retry of the same key on this node joins it rather than
-counting again.  So a key is counted at most once per store, whichever nodes
-its retries reach, and a delta is counted iff its key record is in the store.
+Keyed increments and settles (idempotency keys): ``keepcount.keyed``.
 """
 
 from __future__ import annotations
@@ -60,13 +41,11 @@ import asyncio
 import json
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from keepcount.errors import (
     Fenced,
-    IdempotencyKeyReused,
     InvalidInput,
     KeepcountError,
     KeyConflict,
@@ -74,11 +53,12 @@ from keepcount.errors import (
     RegistryClosed,
     StoreUnavailable,
 )
+from keepcount.keyed import Keyed, KeyedCommit, Refusal
 from keepcount.metrics import MAX_VALUE
+from keepcount.settle import SettleStatus
 from keepcount.stores.base import FamilyDef, KeyRecord, SeriesRow, SeriesValue
 from keepcount.waiters import (
     Batch,
-    KeyedOutcome,
     Outcome,
     copy_error,
     resolve,
@@ -106,31 +86,22 @@ ExpireFn = Callable[[float], int]
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per call
 
 
-class Keyed:
-    """One increment under an idempotency key, queued until a flush records it."""
-
-    __slots__ = ("by", "child", "expires", "fingerprint", "key", "token", "waiters")
-
-    def __init__(self, child: Any, by: int, key: str, fingerprint: str, expires: float) -> None:
-        self.child = child
-        self.by = by
-        self.key = key
-        self.fingerprint = fingerprint
-        self.expires = expires
-        self.token = uuid.uuid4().hex
-        self.waiters: list[asyncio.Future[KeyedOutcome]] = []
-
-
 class _Flush:
-    """What one flush writes: taken children and families, keyed deltas, and
-    the rows and key records composed from them (under the lock)."""
+    """What one flush writes: taken children and families, keyed deltas,
+    refusals, and the rows and key records composed from them (under the lock)."""
 
-    __slots__ = ("children", "families", "keyed", "records", "rows", "states", "values")
+    __slots__ = (
+        "children", "families", "keyed", "records", "refusals", "rows", "states", "values",
+    )  # fmt: skip
 
-    def __init__(self, children: list[Any], families: list[Any], keyed: list[Keyed]) -> None:
+    def __init__(
+        self, children: list[Any], families: list[Any], keyed: list[Keyed],
+        refusals: list[Refusal],
+    ) -> None:  # fmt: skip
         self.children = children
         self.families = families
         self.keyed = keyed
+        self.refusals = refusals
         self.rows: list[SeriesRow] = []
         self.states: list[tuple[Any, SeriesValue]] = []
         """(child, the state written for it): its durable state once written."""
@@ -139,13 +110,7 @@ class _Flush:
         """The child's value right after each keyed delta, as recorded."""
 
 
-def _receipt_value(record: KeyRecord) -> int:
-    value = json.loads(record.result)["value"]
-    assert isinstance(value, int)
-    return value
-
-
-class GroupCommit:
+class GroupCommit(KeyedCommit):
     """The flusher of one registry.
 
     ``dirty`` and ``meta_dirty`` are the lists children and families append
@@ -171,12 +136,11 @@ class GroupCommit:
     ) -> None:
         if interval is not None and not interval > 0:
             raise ValueError("flush_interval must be positive or None")
+        super().__init__()
         # A successor (after a fork) takes over its predecessor's lists: the
         # children hold their bound ``append``.
         self.dirty: list[Any] = [] if dirty is None else dirty
         self.meta_dirty: list[Any] = [] if meta_dirty is None else meta_dirty
-        self.keyed: dict[str, Keyed] = {}
-        """Keyed deltas queued or in flight, by key."""
         self.flushes = 0
         self.counted = False
         """True once a flush wrote values or keys (not only definitions)."""
@@ -188,8 +152,7 @@ class GroupCommit:
         self.check = check
         """Called (no lock held) after each successful write: the error that
         keeps the flush from being acknowledged, or None (a claim's trust)."""
-        self._queued: list[Keyed] = []  # keyed deltas for the next flush
-        self._replies: dict[asyncio.AbstractEventLoop, list[tuple[Any, KeyedOutcome]]] = {}
+        self._replies: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
         self.node = node
         self._lock = lock
         self._cv = threading.Condition(lock)
@@ -231,7 +194,7 @@ class GroupCommit:
     def _join(self) -> Batch | None:
         """The batch whose success makes every earlier increment durable (lock held)."""
         self._check()
-        if self.dirty or self.meta_dirty or self._queued:
+        if self._pending():
             return self._want()
         return self._inflight
 
@@ -274,33 +237,6 @@ class GroupCommit:
             raise OutcomeUnknown(f"commit did not finish within {timeout} s; not acknowledged")
         if batch.error is not None:
             raise copy_error(batch.error)
-
-    def submit_keyed(
-        self, child: Any, by: int, key: str, fingerprint: str, ttl: float
-    ) -> asyncio.Future[KeyedOutcome]:
-        """Queue ``by`` for ``child`` under ``key``; the future answers once it is
-        settled (see the module docstring).  A key already queued or in
-        flight on this registry is joined, not counted again."""
-        fut: asyncio.Future[KeyedOutcome] = asyncio.get_running_loop().create_future()
-        with self._lock:
-            self._check()
-            keyed = self.keyed.get(key)
-            if keyed is not None:
-                if keyed.fingerprint != fingerprint:
-                    raise IdempotencyKeyReused(
-                        f"idempotency key {key!r} is in use by a different request; nothing counted"
-                    )
-            else:
-                queued = sum(k.by for k in self.keyed.values() if k.child is child)
-                if child._value + queued + by > MAX_VALUE:
-                    raise InvalidInput(
-                        f"{child.family.name}: value would pass 2**63-1; increment refused"
-                    )
-                keyed = self.keyed[key] = Keyed(child, by, key, fingerprint, time.time() + ttl)
-                self._queued.append(keyed)
-            keyed.waiters.append(fut)
-            self._want()
-        return fut
 
     # -- the flusher -----------------------------------------------------------
 
@@ -354,8 +290,9 @@ class GroupCommit:
             child._dirty = False
         families = self.meta_dirty[:]
         self.meta_dirty.clear()
-        taken = _Flush(children, families, self._queued)
+        taken = _Flush(children, families, self._queued, self._queued_refusals)
         self._queued = []
+        self._queued_refusals = []
         self._compose(taken)
         self._reply()  # increments _compose refused
         return taken
@@ -403,39 +340,28 @@ class GroupCommit:
         self._inflight = None
         if error is None:
             self.flushes += 1
-            if f.rows or f.records:
+            if f.rows or f.records or f.refusals:
                 self.counted = True
             for child, state in f.states:  # what the store now holds for sure
                 child._durable = state
             for k, value, record in zip(f.keyed, f.values, f.records, strict=True):
                 k.child._value += k.by  # durable now: counted
                 self._answer(k, (value, False, record))
+            for r in f.refusals:
+                self._settled(r, (SettleStatus.NOT_APPLIED, None))
         else:
             self._put_back(f.children, f.families)
             self._queued[:0] = f.keyed  # same tokens: a landed write is recognised
             for k in f.keyed:
                 self._answer(k, error, keep=True)
+            self._queued_refusals[:0] = f.refusals  # same tokens, as the deltas
+            for r in f.refusals:
+                self._settled(r, error, keep=True)
             if isinstance(error, Fenced):
                 self._fatal = error
         self._settle(batch, error)
         self._reply()
         self._cv.notify()  # commits that queued behind this flush may go now
-
-    def _answer(self, k: Keyed, outcome: KeyedOutcome, *, keep: bool = False) -> None:
-        """Queue the answer to ``k``'s waiters (lock held); forget ``k`` unless it
-        stays queued.  ``_reply()`` delivers every queued answer.
-
-        The first waiter is the request that queued it; later ones joined it
-        with the same key, so they are told it is a replay.
-        """
-        if not keep:
-            self.keyed.pop(k.key, None)
-        waiters, k.waiters = k.waiters, []
-        for i, fut in enumerate(waiters):
-            answer = outcome
-            if i and isinstance(outcome, tuple):
-                answer = (outcome[0], True, outcome[2])
-            self._replies.setdefault(fut.get_loop(), []).append((fut, answer))
 
     def _reply(self) -> None:
         """Deliver the queued answers (lock held): one wake-up per event loop,
@@ -448,7 +374,7 @@ class GroupCommit:
                 pass
 
     def _pending(self) -> bool:
-        return bool(self.dirty or self.meta_dirty or self._queued)
+        return bool(self.dirty or self.meta_dirty or self._queued or self._queued_refusals)
 
     def _wait_for_work(self) -> None:
         """Until a flush is wanted (or due) and none is in flight (lock held)."""
@@ -467,9 +393,12 @@ class GroupCommit:
     def _flush(self, f: _Flush) -> KeepcountError | None:
         """Write ``f``; on a key conflict settle the keys already recorded and
         write the rest again (each round settles at least one key)."""
-        for _ in range(len(f.keyed) + 2):
+        for _ in range(len(f.keyed) + len(f.refusals) + 2):
+            records = f.records
+            if f.refusals:
+                records = records + [r.record for r in f.refusals]
             try:
-                self._write([fam.definition for fam in f.families], f.rows, f.records)
+                self._write([fam.definition for fam in f.families], f.rows, records)
             except KeyConflict as conflict:
                 error = self._resolve_conflict(f, conflict.keys, conflict.pending)
                 if error is not None:
@@ -483,52 +412,6 @@ class GroupCommit:
                 return err
             return None if self.check is None else self.check()
         return StoreUnavailable("idempotency keys kept changing under the flush; not written")
-
-    def _resolve_conflict(
-        self, f: _Flush, keys: list[str], pending: Sequence[str] = ()
-    ) -> KeepcountError | None:
-        if self._lookup is None:
-            return StoreUnavailable("idempotency key conflict without a lookup")
-        try:
-            found = self._lookup(keys)
-        except KeepcountError as exc:
-            return exc
-        busy = set(pending)
-        with self._lock:
-            keep = []
-            for k in f.keyed:
-                record = found.get(k.key)
-                if k.key in busy:
-                    # Another live node is recording this key (a retry reached
-                    # us while its first attempt was in flight there): only
-                    # this request fails, not the flush; its retry learns how
-                    # the first one ended.
-                    self._answer(
-                        k,
-                        OutcomeUnknown(
-                            f"idempotency key {k.key!r} is being recorded by another node; "
-                            "not acknowledged here (retry with the same key)"
-                        ),
-                    )
-                elif record is None:  # not in conflict, or expired since: write it again
-                    keep.append(k)
-                elif record.token == k.token:  # an earlier write of ours did land
-                    k.child._value += k.by
-                    self._answer(k, (_receipt_value(record), False, record))
-                elif record.fingerprint == k.fingerprint:  # a retry: answer as recorded
-                    self._answer(k, (_receipt_value(record), True, record))
-                else:
-                    self._answer(
-                        k,
-                        IdempotencyKeyReused(
-                            f"idempotency key {k.key!r} was first used for a different request "
-                            f"(on node {record.node!r}); nothing counted"
-                        ),
-                    )
-            f.keyed = keep
-            self._compose(f)
-            self._reply()
-        return None
 
     def _put_back(self, children: list[Any], families: list[Any]) -> None:
         for child in children:
@@ -555,7 +438,10 @@ class GroupCommit:
         self._settle(self._next, error)
         for k in list(self.keyed.values()):
             self._answer(k, error)
+        for r in list(self.refusals.values()):
+            self._settled(r, error)
         self._queued.clear()
+        self._queued_refusals.clear()
         self._reply()
 
     def _sweep_keys(self) -> None:

@@ -8,6 +8,7 @@ layer puts in its ``{"error": {"code", "message"}}`` bodies::
     │   ├── CardinalityError    a family reached its child limit
     │   ├── DefinitionConflict  a metric re-declared with another shape
     │   └── IdempotencyKeyReused  a key came back with another request
+    ├── IdempotencyKeySettled   the key was settled as not applied: nothing counted
     ├── StoreError
     │   ├── StoreUnavailable    retryable: busy, I/O error, disk full; not written
     │   │   └── OutcomeUnknown  the write may or may not have landed (timeouts)
@@ -44,6 +45,7 @@ __all__ = [
     "ErrorCode",
     "Fenced",
     "IdempotencyKeyReused",
+    "IdempotencyKeySettled",
     "InvalidInput",
     "KeepcountError",
     "KeyConflict",
@@ -65,6 +67,7 @@ class ErrorCode(enum.StrEnum):
     DEFINITION_CONFLICT = "definition_conflict"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
     IDEMPOTENCY_KEY_CONFLICT = "idempotency_key_conflict"
+    IDEMPOTENCY_KEY_SETTLED = "idempotency_key_settled"
     STORE_ERROR = "store_error"
     STORE_UNAVAILABLE = "store_unavailable"
     OUTCOME_UNKNOWN = "outcome_unknown"
@@ -120,6 +123,16 @@ class IdempotencyKeyReused(InvalidInput):
     first recorded under it; nothing was counted."""
 
     code = ErrorCode.IDEMPOTENCY_KEY_REUSED
+
+
+class IdempotencyKeySettled(KeepcountError):
+    """The increment's ``Idempotency-Key`` was settled as *not applied*
+    (``Registry.settle_key``, ``GET /v1/idempotency/{key}``): a refusal is
+    recorded under it, so this increment was dropped and nothing was
+    counted, now or ever (until the key expires).  Not retryable with that
+    key; the node answers 409."""
+
+    code = ErrorCode.IDEMPOTENCY_KEY_SETTLED
 
 
 class KeyConflict(KeepcountError):

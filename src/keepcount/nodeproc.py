@@ -17,10 +17,11 @@ Example::
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from keepcount import httpclient
@@ -110,10 +111,13 @@ class NodeProcess(ManagedProcess):
         module: str = "keepcount.cli",
         command: Sequence[str] = ("node",),
         options: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """``options``: the command's options in full, instead of the
         ``NodeConfig`` of ``node`` and ``store`` (``NodeConfig.to_argv()``),
-        ``--listen`` built from the arguments, then ``extra``."""
+        ``--listen`` built from the arguments, then ``extra``.  ``env``:
+        variables added to this process's environment for the child (e.g.
+        ``keepcount.cluster.clocks``' libfaketime preload)."""
         super().__init__(node, log)
         self.node = node
         self.store = store
@@ -123,6 +127,7 @@ class NodeProcess(ManagedProcess):
         self.module = module
         self.command = list(command)
         self.options = None if options is None else list(options)
+        self.env = dict(env or {})
 
     @property
     def url(self) -> str:
@@ -136,7 +141,7 @@ class NodeProcess(ManagedProcess):
         return [sys.executable, "-m", self.module, *self.command, *options]
 
     def start(self) -> NodeProcess:
-        self.spawn(self.argv())
+        self.spawn(self.argv(), env={**os.environ, **self.env} if self.env else None)
         return self
 
     def readyz(self) -> int | None:

@@ -53,6 +53,7 @@ from keepcount.metrics import (
     histogram_def,
 )
 from keepcount.naming import check_host_id, check_node_id
+from keepcount.settle import Settlement, SettleStatus
 from keepcount.slots import (
     DEFAULT_MAX_SLOTS,
     Claimer,
@@ -73,7 +74,7 @@ from keepcount.stores.base import (
 from keepcount.totals import SeriesTotal, cluster_totals, host_snapshot
 from keepcount.waiters import copy_error
 
-__all__ = ["Receipt", "Registry", "open", "open_lazily"]
+__all__ = ["Receipt", "Registry", "open", "open_lazily", "receipt_of"]
 
 log = logging.getLogger("keepcount.registry")
 
@@ -88,6 +89,12 @@ class Receipt:
     value: int
     replayed: bool = False
     """True when an idempotency key matched an earlier increment: nothing was counted now."""
+
+
+def receipt_of(record: KeyRecord, *, replayed: bool = False) -> Receipt:
+    """The receipt an idempotency key's record holds (the first answer to it)."""
+    answer = json.loads(record.result)
+    return Receipt(answer["node"], answer["name"], answer["labels"], answer["value"], replayed)
 
 
 def open(  # noqa: A001 - the public name in DESIGN §3
@@ -447,9 +454,34 @@ class Registry(SlotBinding):
             raise copy_error(outcome)
         value, replayed, record = outcome
         if replayed and record is not None:
-            answer = json.loads(record.result)
-            return Receipt(answer["node"], answer["name"], answer["labels"], value, True)
+            return receipt_of(record, replayed=True)
         return Receipt(self.node, child.family.name, child.labeldict(), value, replayed)
+
+    async def settle_key(self, key: str) -> Settlement:
+        """Settle idempotency key ``key`` for good (``keepcount.settle``).
+
+        ``applied`` (with the receipt the first answer to the key carried),
+        ``not_applied`` - final: a refusal of the key is now durable in the
+        store, written by this registry's flush under its claim, so no
+        increment of that key queued anywhere can count later (it fails with
+        ``IdempotencyKeySettled``) - or ``in_flight``: the key's increment is
+        queued or being flushed here, or another live node is recording it;
+        ask again later.  A refusal expires with the key, after
+        ``idempotency_ttl`` seconds.  Raises like ``commit()`` when the
+        refusal could not be written: the outcome is still open, and the
+        refusal stays queued for the next flush (ask again).
+        """
+        self._check_open()
+        if not isinstance(key, str) or not key:
+            raise InvalidInput(f"an idempotency key is a non-empty string, not {key!r}")
+        fut = self._group.submit_settle(key, self.idempotency_ttl)
+        outcome = await asyncio.shield(fut)
+        if isinstance(outcome, KeepcountError):
+            raise copy_error(outcome)
+        status, record = outcome
+        if status is not SettleStatus.APPLIED or record is None:
+            return Settlement(key, status)
+        return Settlement(key, status, receipt_of(record))
 
     def commit_sync(self, timeout: float | None = None) -> None:
         """``commit()`` for threads; ``OutcomeUnknown`` if ``timeout`` passes first."""

@@ -18,6 +18,7 @@ import keepcount
 from keepcount import ClaimConflict, CorruptStore, Fenced, StoreUnavailable
 from keepcount.stores.base import FamilyDef
 from keepcount.stores.sqlite import APPLICATION_ID, FORMAT_VERSION, SQLiteStore
+from keepcount.stores.sqlite.checksums import series_crc
 
 
 def make_store(path: Path, series: int = 2000) -> None:
@@ -80,8 +81,12 @@ def test_a_file_cut_short_by_a_crash_in_a_checkpoint_opens_whole(tmp_path: Path)
         conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany(
-            "INSERT INTO series(node, name, labels, value, created) VALUES (?, ?, ?, ?, ?)",
-            [("node-1", "c_total", f'["more-{i:06d}"]', i + 1, 1.0) for i in range(20_000)],
+            "INSERT INTO series(node, name, labels, value, created, crc) VALUES (?,?,?,?,?,?)",
+            [
+                ("node-1", "c_total", k, i + 1, 1.0, series_crc("node-1", "c_total", k, i + 1))
+                for i in range(20_000)
+                for k in [f'["more-{i:06d}"]']
+            ],
         )
         conn.execute("COMMIT")
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
@@ -149,6 +154,8 @@ def test_a_version_1_file_is_upgraded_in_place_with_its_values(tmp_path: Path) -
     make_store(db, series=3)
     with sqlite3.connect(db) as conn:  # what keepcount 0.1 (format 1) wrote
         conn.execute("DROP TABLE idempotency")
+        conn.execute("ALTER TABLE series DROP COLUMN crc")
+        conn.execute("ALTER TABLE families DROP COLUMN crc")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'format_version'")
         conn.execute("PRAGMA user_version = 1")
     with keepcount.open(f"sqlite:///{db}", node="node-1") as reg:
@@ -163,6 +170,8 @@ def test_a_version_1_file_with_a_foreign_table_in_the_way_is_refused(tmp_path: P
     db = tmp_path / "c.db"
     make_store(db, series=3)
     with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE series DROP COLUMN crc")
+        conn.execute("ALTER TABLE families DROP COLUMN crc")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'format_version'")
         conn.execute("PRAGMA user_version = 1")
     refused(db, "schema")
@@ -265,10 +274,10 @@ def test_a_version_2_file_is_upgraded_in_place_and_then_holds_prometheus_familie
     store = SQLiteStore(db)
     try:
         with autocommit(db) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION == 3
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION == 4
             assert conn.execute(
                 "SELECT value FROM meta WHERE key = 'format_version'"
-            ).fetchone() == ("3",)
+            ).fetchone() == ("4",)
             assert conn.execute("SELECT count(*) FROM idempotency").fetchone()[0] == 1
         after = schema_of(db)
         families = after.pop("families")
@@ -276,6 +285,10 @@ def test_a_version_2_file_is_upgraded_in_place_and_then_holds_prometheus_familie
             "still STRICT and WITHOUT ROWID"
         )
         assert "GLOB 'prometheus.*'" in str(families[3])
+        for table in ("series", "idempotency"):  # version 4 adds the row checksums
+            assert after[table][:3] == before[table][:3] == ("table", 1, 1)
+            assert " crc INTEGER NOT NULL DEFAULT 0" in str(after.pop(table)[3])
+            before.pop(table)
         assert after == before, "only families is rebuilt"
         snap = store.load("node-1")
         assert snap.families == {

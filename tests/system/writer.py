@@ -20,6 +20,12 @@ the writer could report.  Lines:
     try WRITER AMOUNT | ack WRITER AMOUNT | fail WRITER AMOUNT CODE
     done
 
+``--mutant`` breaks the store on purpose, inside this process only, so that
+the power-loss tests (``test_power_loss.py``) prove they catch a store that
+loses acknowledged increments: ``sync-normal`` commits with ``PRAGMA
+synchronous=NORMAL`` (the WAL is not fsynced at commit), ``no-dir-fsync``
+creates the store file without fsyncing its directory.
+
 The parent side (``WriterProcess``, ``Tally``) lives here too.  Test code,
 not part of the package (it was ``keepcount.writer``).
 """
@@ -41,7 +47,7 @@ from pathlib import Path
 import keepcount
 from keepcount.process import ManagedProcess
 
-__all__ = ["COUNTER", "HISTOGRAM", "Tally", "WriterProcess", "main"]
+__all__ = ["COUNTER", "HISTOGRAM", "MUTANTS", "Tally", "WriterProcess", "main"]
 
 COUNTER = "writer_increments_total"
 HISTOGRAM = "writer_increment_size"
@@ -56,6 +62,26 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+MUTANTS = ("sync-normal", "no-dir-fsync")
+
+
+def _apply_mutant(name: str) -> None:
+    """Break this process's SQLite store as ``name`` says (see the docstring)."""
+    from keepcount.stores.sqlite import schema, store
+
+    if name == "sync-normal":
+        connect = store.connect
+
+        def connect_normal(path: Path, busy_timeout: float) -> object:
+            conn = connect(path, busy_timeout)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            return conn
+
+        store.connect = connect_normal  # type: ignore[assignment]
+    elif name == "no-dir-fsync":
+        schema._fsync_dir = lambda path: None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python writer.py")
     p.add_argument("--store", required=True)
@@ -66,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-ops", type=int, default=200_000, help="stop after this many ops")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--pause", type=float, default=0.0, help="seconds between one writer's ops")
+    p.add_argument("--mutant", choices=MUTANTS, default=None, help="break the store on purpose")
     args = p.parse_args(argv)
+    if args.mutant:
+        _apply_mutant(args.mutant)
 
     signal.signal(signal.SIGTERM, _interrupt)
     _out(f"opening {os.getpid()}\n")
@@ -186,12 +215,15 @@ class WriterProcess:
     log, read line by line from its stdout."""
 
     def __init__(self, store: str, node: str, *, writers: int = 8, mode: str = "async",
-                 seconds: float = 30.0, seed: int | None = None, pause: float = 0.0) -> None:  # fmt: skip
+                 seconds: float = 30.0, seed: int | None = None, pause: float = 0.0,
+                 mutant: str | None = None) -> None:  # fmt: skip
         cmd = [sys.executable, str(Path(__file__).resolve()), "--store", store, "--node", node,
                "--writers", str(writers), "--mode", mode, "--seconds", str(seconds),
                "--pause", str(pause)]  # fmt: skip
         if seed is not None:
             cmd += ["--seed", str(seed)]
+        if mutant is not None:
+            cmd += ["--mutant", mutant]
         self.process = ManagedProcess(f"writer {node}")
         self.process.spawn(cmd, capture=True)
         self.proc = self.process.proc

@@ -304,7 +304,7 @@ def test_exactly_once_double_count_of_a_keyed_retry_is_invalid() -> None:
     assert r.valid is False
     assert r.details["label_sets"][KA] == {
         "acknowledged": 2, "unknown": 0, "final": 4, "adds": 1, "retried": 1, "unresolved": 0,
-        "status": "double_count",
+        "settled_applied": 0, "settled_not_applied": 0, "status": "double_count",
     }  # fmt: skip
     assert r.errors[0].startswith("double count")
     assert counter(h.ops).valid is False

@@ -105,7 +105,7 @@ def app_operations() -> set[tuple[str, str]]:
         assert isinstance(route, Route)
         for method in route.methods or ():
             if method != "HEAD":  # Starlette answers HEAD wherever GET is served
-                found.add((method, route.path))
+                found.add((method, route.path.replace(":anykey}", "}")))  # {key:anykey}
     return found
 
 

@@ -35,7 +35,7 @@ EXIT_UNKNOWN = 3
               help="Share of increments that carry an Idempotency-Key.")  # fmt: skip
 @click.option("--faults", default="kill,pause,coordinator", show_default=True,
               help="Comma-separated: kill, pause, store (Cassandra replicas), coordinator, "
-                   "partition.")  # fmt: skip
+                   "partition, clock (jump a node's wall clock).")  # fmt: skip
 @click.option("--store", type=click.Choice(["sqlite", "cassandra"]), default="sqlite",
               show_default=True,
               help="sqlite: one file shared by the nodes; cassandra: a local 3-node cluster.")  # fmt: skip
@@ -49,11 +49,17 @@ EXIT_UNKNOWN = 3
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
               default=Path("keepcount-verify"), show_default=True,
               help="Where the history, the report and the cluster go.")  # fmt: skip
-@click.option("--mutant", type=click.Choice(["ack-before-durable"]), default=None, hidden=True,
+@click.option("--abandon", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+              help="Share of keyed increments sent by impatient clients, which give an "
+                   "increment up when in doubt and settle its key instead.")  # fmt: skip
+@click.option("--mutant", type=click.Choice(["ack-before-durable", "wall-clock-lease",
+                                             "settle-without-refusal"]),
+              default=None, hidden=True,
               help="Run deliberately broken nodes: the run must be judged invalid.")  # fmt: skip
 def verify(
     duration: float, clients: int, keyed: float, faults: str, store: str, coordinator: str,
-    lb: str, nodes: int, seed: int | None, quiet: float, directory: Path, mutant: str | None,
+    lb: str, nodes: int, seed: int | None, quiet: float, directory: Path, abandon: float,
+    mutant: str | None,
 ) -> None:  # fmt: skip
     """Inject faults into a live cluster and check its history: no acknowledged
     increment lost, none counted twice, no value going backwards."""
@@ -81,7 +87,7 @@ def verify(
         opts = Options(
             directory=directory, duration=duration, clients=clients, keyed=keyed, faults=kinds,
             store="cassandra" if store == "cassandra" else "sqlite", coordinator=coordinator, lb=lb,
-            nodes=nodes, seed=seed, quiet=quiet, mutant=mutant,
+            nodes=nodes, seed=seed, quiet=quiet, mutant=mutant, abandon=abandon,
         )  # fmt: skip
         verdict = asyncio.run(run(opts, log))
         for name, result in verdict.results.items():

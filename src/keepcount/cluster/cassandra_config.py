@@ -9,6 +9,15 @@ cluster are ``keepcount.cluster.cassandra``.
 Durability (DESIGN G1): ``commitlog_sync: batch`` (or ``group`` with a 2 ms
 window), so a write is acknowledged only after its commitlog segment was
 fsynced, never the ``periodic`` default that acknowledges before the sync.
+
+Corruption (issue 18): keepcount's tables are compressed in chunks whose
+CRC every read checks (``stores.cassandra.session``), so a replica never
+serves a flipped byte of its SSTables.  ``disk_failure_policy:
+stop_paranoid`` then takes that replica out: on a corrupt SSTable it stops
+its gossip and client transports (and a corrupt SSTable found at start-up
+stops the JVM), so the others convict it and QUORUM reads and writes go on
+with them, instead of the replica failing its share of every QUORUM read
+that touches the chunk (``stop``, the default, acts on I/O errors only).
 """
 
 from __future__ import annotations
@@ -261,6 +270,7 @@ def write_config(home_dir: Path, host: str, token: int, s: NodeSettings) -> None
         f"saved_caches_directory: '{d / 'saved_caches'}'",
         f"cdc_raw_directory: '{d / 'cdc_raw'}'",
         *sync,
+        "disk_failure_policy: stop_paranoid",
         "auto_snapshot: false",
         "snapshot_before_compaction: false",
         # Fewer idle threads on a 2-core machine (defaults are 32 each).

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keepcount.cluster.clocks import Clocks
 from keepcount.cluster.events import EventLog
 from keepcount.cluster.partition import Partitions
 from keepcount.cluster.spec import ClusterSpec, NodeSpec, slot_name
@@ -112,7 +113,8 @@ class Launcher:
 
     ``store_url`` and ``coordinator_url`` are set once the servers run;
     ``partitions``, if set, gets every new process into its slot's cgroup at
-    spawn (``keepcount.cluster.partition``).
+    spawn (``keepcount.cluster.partition``); ``clocks``, if set, puts it on its
+    node id's jumpable wall clock (``keepcount.cluster.clocks``).
     """
 
     def __init__(self, spec: ClusterSpec, events: EventLog) -> None:
@@ -121,6 +123,9 @@ class Launcher:
         self.store_url = spec.store
         self.coordinator_url = ""
         self.partitions: Partitions | None = None
+        self.clocks = Clocks(spec.directory / "clocks") if spec.extra.get("clocks") else None
+        """Each node id's wall clock offset (``keepcount.cluster.clocks``), if
+        the spec asks for jumpable clocks (``extra["clocks"]``)."""
 
     @property
     def logs(self) -> Path:
@@ -152,6 +157,7 @@ class Launcher:
         proc = NodeProcess(
             ns.spec.id, self.store_url, port=port, host=spec.host,
             log=self.logs / f"{name}.log", options=options,
+            env=None if self.clocks is None else self.clocks.env(ns.spec.id),
         )  # fmt: skip
         proc.start()
         if self.partitions is not None:  # before the child's Python opens a socket

@@ -99,7 +99,9 @@ class ClusterSpec:
     host: str = DEFAULT_HOST
     claim_ttl: float = DEFAULT_CLAIM_TTL
     extra: dict[str, Any] = field(default_factory=dict)
-    """Options for the tooling: ``node_args`` (extra ``keepcount node`` arguments)."""
+    """Options for the tooling: ``node_args`` (extra ``keepcount node`` arguments),
+    ``clocks`` (true: nodes run on wall clocks a fault can jump,
+    ``keepcount.cluster.clocks``)."""
 
     @property
     def lb_url(self) -> str:

@@ -88,7 +88,9 @@ loop that must stay responsive.
     unreachable: the claim then runs out by itself after its TTL.
 
 Time: every deadline is in ``time.monotonic()`` (``CLOCK_MONOTONIC``) terms,
-which keeps counting while a process is stopped.  It does not count while
+which keeps counting while a process is stopped and does not move when the
+wall clock is stepped (NTP, an operator: ``keepcount verify``'s ``clock``
+fault jumps it hours either way and checks that no claim changes).  It does not count while
 the host is suspended (a suspended holder's deadline would then be too
 late), so keepcount nodes are not meant to run on hosts that suspend.
 """

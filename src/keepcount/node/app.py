@@ -57,7 +57,7 @@ def create_app(
         endpoint = getattr(node, op.endpoint)
         if op.request is not None:  # a body: the hot path, a plain ASGI endpoint
             endpoint = _ASGIEndpoint(endpoint)
-        api.append(Route(op.path, endpoint, methods=[op.method]))
+        api.append(Route(op.route, endpoint, methods=[op.method]))
     app = Starlette(
         routes=[*routes, *api, *asset_routes()],
         lifespan=node.run,

@@ -43,6 +43,7 @@ __all__ = [
     "NodeCounters",
     "Ready",
     "Series",
+    "SettleResult",
     "decode_increment",
     "ecma_pattern",
 ]
@@ -124,6 +125,24 @@ class IncrementResult(Struct):
         Amount, Meta(description="That node's value of the series right after the increment.")
     ]
     durable: Literal[True]
+
+
+class SettleResult(Struct, forbid_unknown_fields=True):
+    """``GET /v1/idempotency/{key}``: the key's fate (``keepcount.settle``)."""
+
+    key: str
+    status: Annotated[
+        Literal["applied", "not_applied", "in_flight"],
+        Meta(description="`applied`: counted once (see `receipt`). `not_applied`: never "
+             "counted, and now never will be: a refusal of the key is durable, so a late "
+             "increment with it is refused (409 `idempotency_key_settled`) until the key "
+             "expires. `in_flight`: an increment with the key is being recorded; ask again "
+             "later. `applied` and `not_applied` are final."),
+    ]  # fmt: skip
+    receipt: Annotated[
+        IncrementResult | None,
+        Meta(description="With `applied`: the first answer to the key's increment."),
+    ] = None
 
 
 class HistogramValue(Struct, forbid_unknown_fields=True):

@@ -199,6 +199,26 @@ class NodeConfig:
     increments as soon as they are in memory (ignoring idempotency keys), as
     a counter library without durability would.  ``keepcount verify`` must
     find the acknowledged increments such a node loses when it is killed."""
+    unsafe_settle_without_refusal: bool = _opt(
+        False, hidden=True,
+        help="A deliberately broken node for testing `keepcount verify`: answer "
+        "`not_applied` when settling a key the store has not recorded, without "
+        "recording the refusal.",
+    )  # fmt: skip
+    """**A deliberately broken node, for testing the verifier only**: settle a
+    key (``GET /v1/idempotency/{key}``) by a store lookup alone: ``applied``
+    if recorded, else ``not_applied`` - without writing the refusal and
+    without looking at the increments queued here, so one still queued may
+    land after it was reported not applied.  ``keepcount verify --mutant
+    settle-without-refusal`` must find it counted."""
+    unsafe_wall_clock_lease: bool = _opt(
+        False, hidden=True,
+        help="A deliberately broken node for testing `keepcount verify`: keep the "
+        "claim's deadline on the wall clock.",
+    )  # fmt: skip
+    """**A deliberately broken node, for testing the verifier only**: its claim
+    expires by the wall clock (``keepcount.coordination.wallclock``), so a
+    clock jump forwards ends it.  The ``clock`` fault must find it."""
 
     def __post_init__(self) -> None:
         for spec in options():

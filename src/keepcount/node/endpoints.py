@@ -42,6 +42,7 @@ from keepcount.node.bodies import (
     NodeCounters,
     Ready,
     Series,
+    SettleResult,
     decode_increment,
 )
 from keepcount.node.bodies import HistogramValue as HistogramBody
@@ -50,13 +51,15 @@ from keepcount.node.errors import HTTPError
 from keepcount.node.lifecycle import Lifecycle, NodeState
 from keepcount.node.live import LivePage
 from keepcount.node.openapi import OPENAPI
-from keepcount.registry import Receipt, Registry
+from keepcount.registry import Receipt, Registry, receipt_of
+from keepcount.settle import Settlement, SettleStatus, is_refusal
 from keepcount.stores.base import is_native_kind
 from keepcount.totals import SeriesTotal
 
 __all__ = ["Node"]
 
 _KEY_BYTES = re.compile(KEY_PATTERN.encode())
+_KEY_TEXT = re.compile(KEY_PATTERN)
 _JSON_HEADERS = {"content-type": "application/json"}
 _EMPTY: dict[str, str] = {}
 _UNVOUCHED = (NodeState.UNREADY, NodeState.FENCED)
@@ -149,19 +152,10 @@ class Node(Lifecycle):
                 key = v
             elif k == b"authorization":
                 auth = v
-        if self._auth is not None and (auth is None or not hmac.compare_digest(auth, self._auth)):
-            raise HTTPError(
-                401,
-                ErrorCode.UNAUTHORIZED,
-                "this node requires 'Authorization: Bearer <token>' for writes",
-                {"www-authenticate": "Bearer"},
-            )
+        if self._auth is not None:
+            self._authorize(auth)
         if key is not None and not _KEY_BYTES.fullmatch(key):
-            raise HTTPError(
-                400,
-                ErrorCode.INVALID_IDEMPOTENCY_KEY,
-                "Idempotency-Key must be 1-255 printable ASCII characters (no spaces)",
-            )
+            raise _invalid_key()
         body = await self._body(receive, length)
         labels: dict[str, str] = _EMPTY
         by, help_ = 1, None
@@ -253,6 +247,43 @@ class Node(Lifecycle):
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
+    def _authorize(self, auth: bytes | None) -> None:
+        """Refuse a write without the node's token (401), when it has one."""
+        if self._auth is not None and (auth is None or not hmac.compare_digest(auth, self._auth)):
+            raise HTTPError(
+                401,
+                ErrorCode.UNAUTHORIZED,
+                "this node requires 'Authorization: Bearer <token>' for writes",
+                {"www-authenticate": "Bearer"},
+            )
+
+    # -- settling a key ------------------------------------------------------------
+
+    async def settle(self, request: Request) -> Response:
+        """``GET /v1/idempotency/{key}``: ``Registry.settle_key`` (``keepcount.settle``)."""
+        auth = request.headers.get("authorization")
+        self._authorize(None if auth is None else auth.encode("latin-1"))
+        key: str = request.path_params["key"]
+        if not _KEY_TEXT.fullmatch(key):
+            raise _invalid_key()
+        reg = self._registry()
+        if self.config.unsafe_settle_without_refusal:
+            settlement = await _settle_by_lookup(reg, key)  # the mutant
+        else:
+            settlement = await reg.settle_key(key)
+        if settlement.status is SettleStatus.NOT_APPLIED and self.state in _UNVOUCHED:
+            # The refusal is durable, but this node can no longer vouch that
+            # it alone held its id when it was written: ask again.
+            raise HTTPError(
+                503,
+                ErrorCode.CLAIM_LOST,
+                f"node {self.config.node} lost the certainty of its claim before answering; "
+                "ask again",
+            )
+        r = settlement.receipt
+        receipt = None if r is None else IncrementResult(r.node, r.name, r.labels, r.value, True)
+        return _json(SettleResult(key, settlement.status.value, receipt))
+
     async def _body(self, receive: Receive, length: bytes | None) -> bytes:
         """The whole body, refused with 413 as soon as it passes ``max_body``
         (by Content-Length, or while reading a chunked one)."""
@@ -306,6 +337,23 @@ class Node(Lifecycle):
                 404, ErrorCode.NOT_FOUND, f"no node of the store has a series of {name}"
             )
         return _json(ClusterCounters(_cluster(totals)))
+
+
+def _invalid_key() -> HTTPError:
+    return HTTPError(
+        400,
+        ErrorCode.INVALID_IDEMPOTENCY_KEY,
+        "an Idempotency-Key must be 1-255 printable ASCII characters (no spaces)",
+    )
+
+
+async def _settle_by_lookup(reg: Registry, key: str) -> Settlement:
+    """The mutant of ``NodeConfig.unsafe_settle_without_refusal``: what the
+    store holds now, with no refusal written (so a queued increment may land)."""
+    record = await asyncio.to_thread(reg.store.lookup_key, key)
+    if record is None or is_refusal(record):
+        return Settlement(key, SettleStatus.NOT_APPLIED)
+    return Settlement(key, SettleStatus.APPLIED, receipt_of(record))
 
 
 def _too_large(limit: int) -> HTTPError:

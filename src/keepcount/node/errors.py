@@ -19,6 +19,7 @@ from starlette.responses import Response
 from keepcount.errors import (
     ClaimError,
     ErrorCode,
+    IdempotencyKeySettled,
     InvalidInput,
     KeepcountError,
     RegistryClosed,
@@ -40,7 +41,8 @@ E = ErrorCode
 ANSWERS: dict[ErrorCode, tuple[int, str]] = {
     E.MALFORMED_JSON: (400, "the body is not a JSON object"),
     E.INVALID_IDEMPOTENCY_KEY: (
-        400, "the Idempotency-Key header is not 1-255 printable ASCII characters"),
+        400, "the Idempotency-Key header (or the key of /v1/idempotency/{key}) is not 1-255 "
+        "printable ASCII characters"),
     E.UNAUTHORIZED: (
         401, "the node requires a bearer token for writes and the request carried none "
         "or a wrong one"),
@@ -58,6 +60,9 @@ ANSWERS: dict[ErrorCode, tuple[int, str]] = {
     E.TOO_MANY_LABEL_SETS: (
         422, "the family already holds its maximum of label sets (the message names the limit)"),
     E.IDEMPOTENCY_KEY_REUSED: (422, "an Idempotency-Key reused with another request"),
+    E.IDEMPOTENCY_KEY_SETTLED: (
+        409, "the Idempotency-Key was settled as not applied (GET /v1/idempotency/{key}): "
+        "this increment was dropped, nothing counted, and never will be under that key"),
     E.INTERNAL_ERROR: (500, "a bug in the node; nothing was acknowledged"),
     E.NOT_READY: (
         503, "the node is not ready: claiming or restoring, shutting down, or its claim "
@@ -118,6 +123,8 @@ def exception_handlers(not_ready: Callable[[], HTTPError]) -> dict[type[Exceptio
         assert isinstance(exc, KeepcountError)
         if isinstance(exc, InvalidInput):
             return error_response(422, exc.code, str(exc))
+        if isinstance(exc, IdempotencyKeySettled):
+            return error_response(409, exc.code, str(exc))
         if isinstance(exc, RegistryClosed):  # closing: the node is shutting down
             return await on_http_error(request, not_ready())
         if isinstance(exc, StoreError | ClaimError):

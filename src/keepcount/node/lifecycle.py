@@ -325,8 +325,13 @@ class Lifecycle:
         info = {"pid": str(os.getpid()), "host": socket.gethostname()}
         if cfg.advertise is not None:
             info["url"] = cfg.advertise
-        self.claim = self._coordinator.claim(cfg.node, info, ttl=cfg.claim_ttl)
-        return self.claim.epoch
+        claim = self._coordinator.claim(cfg.node, info, ttl=cfg.claim_ttl)
+        if cfg.unsafe_wall_clock_lease:  # the clock fault's mutation test only
+            from keepcount.coordination.wallclock import WallClockLease
+
+            claim = WallClockLease(claim)
+        self.claim = claim
+        return claim.epoch
 
     def _waiting(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None

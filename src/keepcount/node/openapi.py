@@ -37,6 +37,7 @@ _ERROR_INTROS = {
     400: "Malformed request; nothing changed",
     401: "Unauthorized; nothing changed",
     404: "Not found",
+    409: "Conflict; nothing counted",
     413: "Too large; nothing changed",
     415: "Unsupported Content-Type; nothing changed",
     422: "Well-formed but refused; nothing changed",
@@ -96,6 +97,17 @@ def _operation(op: Operation, refs: dict[type, dict[str, Any]]) -> dict[str, Any
             {"name": "name", "in": "path", "required": True, "description": description,
              "schema": name}
         )  # fmt: skip
+    if op.path_key:
+        parameters.append(
+            {
+                "name": "key",
+                "in": "path",
+                "required": True,
+                "description": "The Idempotency-Key to settle, percent-encoded (it may "
+                "hold `/`, `?`, `#`, `%`); 1-255 printable ASCII characters once decoded.",
+                "schema": {"type": "string", "pattern": f"^{KEY_PATTERN}$"},
+            }
+        )
     if op.idempotency_key:
         parameters.append(
             {
@@ -178,8 +190,8 @@ def build() -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "Only when the node was started with a token (--token "
-                    f"or {TOKEN_ENV}): then every POST needs `Authorization: Bearer "
-                    "<token>`. GETs stay open.",
+                    f"or {TOKEN_ENV}): then every POST, and settling a key (it writes), "
+                    "needs `Authorization: Bearer <token>`. Other GETs stay open.",
                 }
             },
         },

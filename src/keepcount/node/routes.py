@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.convertors import Convertor, register_url_convertor
+
 from keepcount.node.bodies import (
     ClusterCounters,
     Health,
@@ -20,12 +22,14 @@ from keepcount.node.bodies import (
     IncrementResult,
     NodeCounters,
     Ready,
+    SettleResult,
 )
 from keepcount.ui.assets import STATE_PATH
 
-__all__ = ["INCREMENT_PATH", "OPERATIONS", "Operation"]
+__all__ = ["INCREMENT_PATH", "OPERATIONS", "SETTLE_PATH", "Operation"]
 
 INCREMENT_PATH = "/v1/counters/{name}/increment"
+SETTLE_PATH = "/v1/idempotency/{key}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +53,35 @@ class Operation:
     description: str | None = None
     path_name: bool = False
     """``{name}`` in the path is a metric name."""
+    path_key: bool = False
+    """``{key}`` in the path is an idempotency key (routed as ``{key:anykey}``:
+    any text, ``/`` and newlines included, so that every malformed key gets
+    its 400, not a 404)."""
     idempotency_key: bool = False
     request: type | None = None
     bearer: bool = False
     """A token, when the node has one, is required."""
     answer_headers: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def route(self) -> str:
+        """The path as Starlette routes it."""
+        return self.path.replace("{key}", "{key:anykey}") if self.path_key else self.path
+
+
+class _AnyText(Convertor[str]):
+    """A path parameter of any text (Starlette's ``path`` stops at a newline)."""
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anykey", _AnyText())
 
 
 _READ_ERRORS = (500, 503)
@@ -74,8 +102,24 @@ OPERATIONS: tuple[Operation, ...] = (
                 "schema": {"type": "string", "const": "true"},
             }
         },
-        errors=(400, 401, 413, 415, 422, 500, 503),
+        errors=(400, 401, 409, 413, 415, 422, 500, 503),
         path_name=True, idempotency_key=True, request=IncrementRequest, bearer=True,
+    ),
+    Operation(
+        SETTLE_PATH, "GET", "settle", "settleIdempotencyKey",
+        summary="Settle an Idempotency-Key for good: applied, not applied (final), or in flight.",
+        description="For a client that will not retry an increment whose outcome it does "
+        "not know. `applied`: it was counted, once; the answer carries its first receipt. "
+        "`not_applied`: it was not counted, and now never will be: this node durably "
+        "records a refusal of the key (under its claim, like any write) before answering, "
+        "so an increment with that key still queued on any node of the store is dropped "
+        "when it flushes, and every later increment with it is refused (409 "
+        "`idempotency_key_settled`), until the key expires (the idempotency window). "
+        "`in_flight`: an increment with the key is queued on this node or being recorded "
+        "by another; ask again later. Not a safe GET: it may write the refusal (so it "
+        "takes the bearer token when the node has one); it is idempotent.",
+        ok="The key's fate.", answer=SettleResult,
+        errors=(400, 401, 500, 503), path_key=True, bearer=True,
     ),
     Operation(
         "/v1/counters", "GET", "counters", "listCounters",

@@ -5,6 +5,13 @@ convention (three slashes then a relative path, four for an absolute one);
 ``cassandra://host1,host2,host3[:port]/keyspace`` is Apache Cassandra;
 ``bigtable://project/instance/table[?app_profile=ID&emulator=HOST:PORT]`` is
 Google Cloud Bigtable (or its emulator).
+
+Flipped bits on disk (issue 18): the SQLite store checksums every row and
+checks its WAL before SQLite recovers it (``stores.sqlite``); Cassandra's
+compressed chunks carry CRCs that every read checks, and a replica that
+refuses a chunk is outvoted (``stores.cassandra.session``); the Bigtable
+emulator keeps its data in memory, so it has nothing on disk to flip (Cloud
+Bigtable's own storage checks are Google's).
 """
 
 from __future__ import annotations

@@ -16,6 +16,14 @@ Logical adds (shared by every checker)
     open at the end of the history is info).  It is *invoked* at its first
     attempt's invoke and *acknowledged* at its first ok completion.
 
+Settled adds
+    A keyed add its client abandoned is settled by its key (ops ``settle``
+    with the add's key and value).  An ok settle is final: ``applied`` makes
+    the logical add **ok**, acknowledged at the settle's completion (it was
+    counted once, by then); not applied makes it **fail** (never counted,
+    and never will be).  A settle that says not applied for an add with an
+    ok attempt contradicts it: ``LogicalAdd.contradiction``.
+
 The final read
     The last ok read; the workload takes it after every add ended, so the
     counter and exactly-once bounds apply to it with no add in flight
@@ -35,6 +43,7 @@ from keepcount.verify.history import (
     OK,
     READ,
     SCRAPE,
+    SETTLE,
     Attempt,
     HistoryError,
     Op,
@@ -84,6 +93,10 @@ class LogicalAdd:
     outcome: str = INFO
     invoked: int = -1
     acknowledged: int | None = None
+    settled: bool | None = None
+    """How its key was settled: True applied, False not applied, None not settled."""
+    contradiction: bool = False
+    """Settled not applied although an attempt was acknowledged."""
 
     def attach(self, attempt: Attempt) -> None:
         """Add one more attempt (in invoke order)."""
@@ -98,6 +111,17 @@ class LogicalAdd:
             self.acknowledged = end if self.acknowledged is None else min(self.acknowledged, end)
         elif o == INFO and self.outcome == FAIL:
             self.outcome = INFO
+
+    def settle(self, applied: bool, end: int) -> None:
+        """Its key was settled (an ok ``settle`` completing at ``end``)."""
+        self.settled = applied
+        if applied:
+            self.outcome = OK
+            self.acknowledged = end if self.acknowledged is None else min(self.acknowledged, end)
+        elif self.outcome == OK:
+            self.contradiction = True
+        else:
+            self.outcome = FAIL
 
 
 def _add_value(op: Op) -> tuple[dict[str, str], int]:
@@ -170,14 +194,21 @@ def completed_at(a: Attempt) -> int:
 
 def _per_label_sums(logical: Iterable[LogicalAdd]) -> dict[str, dict[str, int]]:
     """Per label key: ``acknowledged`` / ``unknown`` / ``failed`` (sums of
-    ``by`` of ok / info / fail logical adds), ``adds``, ``info_adds``."""
+    ``by`` of ok / info / fail logical adds), ``adds``, ``info_adds``,
+    ``settled_applied`` / ``settled_not_applied`` (logical adds settled so)."""
     sums: dict[str, dict[str, int]] = {}
+    zero = dict.fromkeys(
+        ("acknowledged", "unknown", "failed", "adds", "info_adds", "settled_applied",
+         "settled_not_applied"), 0,
+    )  # fmt: skip
     for la in logical:
-        s = sums.setdefault(
-            la.label_key, {"acknowledged": 0, "unknown": 0, "failed": 0, "adds": 0, "info_adds": 0}
-        )
+        s = sums.get(la.label_key)
+        if s is None:
+            s = sums[la.label_key] = dict(zero)
         o = la.outcome
         s["adds"] += 1
+        if la.settled is not None:
+            s["settled_applied" if la.settled else "settled_not_applied"] += 1
         if o == OK:
             s["acknowledged"] += la.by
         elif o == FAIL:
@@ -186,6 +217,20 @@ def _per_label_sums(logical: Iterable[LogicalAdd]) -> dict[str, dict[str, int]]:
             s["unknown"] += la.by
             s["info_adds"] += 1
     return sums
+
+
+def _settle(a: Attempt, keyed: Mapping[tuple[str, str, int], LogicalAdd]) -> None:
+    """Apply an ok settle to the keyed logical add it settles."""
+    done = a.completion
+    assert done is not None
+    labels, by = _add_value(done)
+    applied = done.value.get("applied")
+    if not isinstance(applied, bool):
+        raise HistoryError(f"settle op #{done.index}: 'applied' must be true or false")
+    la = keyed.get((done.key or "", label_key(labels), by))
+    if la is None:
+        raise HistoryError(f"settle op #{done.index}: no keyed add of key {done.key!r} settles")
+    la.settle(applied, done.index)
 
 
 def analyze(history: Sequence[Op]) -> Analysis:
@@ -198,6 +243,7 @@ def analyze(history: Sequence[Op]) -> Analysis:
     logical: list[LogicalAdd] = []
     keyed: dict[tuple[str, str, int], LogicalAdd] = {}
     keys_of: dict[tuple[tuple[str, str], ...], str] = {}
+    settled: list[Attempt] = []
     node_ids = {op.node for op in history if op.node is not None}
     for a in pairs:
         inv, done = a.invoke, a.completion
@@ -217,6 +263,9 @@ def analyze(history: Sequence[Op]) -> Analysis:
                     logical.append(got)
                 la = got
             la.attach(a)
+        elif inv.f == SETTLE:
+            if done is not None and done.type == OK:
+                settled.append(a)
         elif done is not None and done.type == OK:
             if inv.f == READ:
                 reads.append(a)
@@ -225,6 +274,8 @@ def analyze(history: Sequence[Op]) -> Analysis:
                 node, pid, values = _scrape(done)
                 node_ids.add(node)
                 scrapes.append((a, node, pid, values))
+    for a in settled:
+        _settle(a, keyed)
     reads.sort(key=completed_at)
     scrapes.sort(key=lambda s: completed_at(s[0]))
     times = [op.time for op in history]

@@ -17,7 +17,12 @@ reads of the cluster totals.
     For each label set that received only keyed adds: with no logical add
     left info, the final read equals the sum of ok (above: **double count**,
     below: **lost**); with some left info the result is unknown unless the
-    final read is already outside ``[sum ok, sum ok + sum info]``.
+    final read is already outside ``[sum ok, sum ok + sum info]``.  An
+    abandoned add settled *applied* counts as ok, one settled *not applied*
+    as fail (``keepcount.verify.analysis``): so the final read must equal
+    the acknowledged plus the settled-applied, and an add that landed after
+    it was settled not applied is a double count.  A settle that says not
+    applied for an acknowledged add is a **contradiction** (invalid).
 
 Both run in O(n log n) for a history of n ops (the reads' label sets aside).
 """
@@ -167,10 +172,14 @@ def exactly_once(history: Sequence[Op]) -> Result:
 
     Details per checked label set (``label_sets``): ``acknowledged``,
     ``unknown``, ``final``, ``adds``, ``retried`` (logical adds with more
-    than one attempt), ``unresolved`` (logical adds left info) and
-    ``status``: ``exact``, ``double_count``, ``lost``, ``unresolved``.
-    ``skipped``: label sets that also got unkeyed adds.  Valid: False if any
-    status is ``double_count`` or ``lost``; None if any is ``unresolved``,
+    than one attempt), ``unresolved`` (logical adds left info),
+    ``settled_applied`` / ``settled_not_applied`` (abandoned adds settled
+    so) and ``status``: ``exact``, ``double_count``, ``lost``,
+    ``unresolved``.  ``skipped``: label sets that also got unkeyed adds.
+    ``settled``: abandoned adds settled ``applied`` / ``not_applied`` in
+    all; ``contradictions``: adds settled not applied after an ok attempt.
+    Valid: False if any status is ``double_count`` or ``lost`` or there is
+    a contradiction; None if any is ``unresolved``,
     there is no ok read, or the final read overlaps an add; else True.
     """
     return judge("exactly_once", history, exactly_once_of)
@@ -179,10 +188,13 @@ def exactly_once(history: Sequence[Op]) -> Result:
 def exactly_once_of(h: Analysis) -> Result:
     keyed_only: dict[str, bool] = {}
     retried: Counter[str] = Counter()
+    contradictions: list[LogicalAdd] = []
     for la in h.logical:
         keyed_only[la.label_key] = keyed_only.get(la.label_key, True) and la.key is not None
         if len(la.attempts) > 1:
             retried[la.label_key] += 1
+        if la.contradiction:
+            contradictions.append(la)
     checked = sorted(lk for lk, only in keyed_only.items() if only)
     skipped = sorted(lk for lk, only in keyed_only.items() if not only)
     sums = h.sums
@@ -211,6 +223,8 @@ def exactly_once_of(h: Analysis) -> Result:
             "adds": s["adds"],
             "retried": retried[lk],
             "unresolved": s["info_adds"],
+            "settled_applied": s["settled_applied"],
+            "settled_not_applied": s["settled_not_applied"],
             "status": status,
         }
         if status == LOST:
@@ -220,8 +234,17 @@ def exactly_once_of(h: Analysis) -> Result:
                 f"double count: {lk} final {fin} > {ok} acknowledged"
                 + (f" + {info} unresolved" if s["info_adds"] else ", every keyed add resolved")
             )
+    for la in contradictions[:MAX_REPORTED]:
+        errors.append(
+            f"contradiction: key {la.key!r} ({la.label_key}) was settled not applied "
+            f"after an attempt was acknowledged (op #{la.acknowledged})"
+        )
+    settled = {
+        "applied": sum(s["settled_applied"] for s in sums.values()),
+        "not_applied": sum(s["settled_not_applied"] for s in sums.values()),
+    }
     valid: bool | None
-    if statuses[LOST] or statuses[DOUBLE_COUNT]:
+    if statuses[LOST] or statuses[DOUBLE_COUNT] or contradictions:
         valid = False
     elif not checked:
         valid = True
@@ -242,6 +265,13 @@ def exactly_once_of(h: Analysis) -> Result:
         summary = f"{len(checked)} keyed label sets: " + ", ".join(
             f"{n} {st}" for st, n in sorted(statuses.items())
         )
+    if settled["applied"] or settled["not_applied"] or contradictions:
+        summary += (
+            f"; abandoned keys settled: {settled['applied']} applied, "
+            f"{settled['not_applied']} not applied"
+        )
+        if contradictions:
+            summary += f", {len(contradictions)} contradicted"
     return Result(
         "exactly_once",
         valid,
@@ -250,6 +280,8 @@ def exactly_once_of(h: Analysis) -> Result:
             "final_read": None if final is None else final.end,
             "label_sets": label_sets,
             "skipped": skipped,
+            "settled": settled,
+            "contradictions": len(contradictions),
         },
         errors,
     )

@@ -20,6 +20,10 @@ Operations (``Op.f``) and their ``value``:
   ``{"totals": {label_key: int}}``.
 - ``scrape``: one node's own values from its ``/metrics``; ok value
   ``{"node": str, "pid": int, "values": {label_key: int}}``.
+- ``settle``: an abandoned keyed add's key settled (``GET
+  /v1/idempotency/{key}``): ``key`` and ``value`` as the add's; ok value
+  ``{"labels", "by", "applied": bool}`` (final: counted once, or never);
+  ``info`` while in flight or when the ask failed.
 
 ``value`` is None where there is nothing (a read's invoke, a failed scrape).
 ``node`` is the node that answered (taken from the answer), ``error`` the error
@@ -60,6 +64,7 @@ __all__ = [
     "OK",
     "READ",
     "SCRAPE",
+    "SETTLE",
     "TYPES",
     "Attempt",
     "HistoryError",
@@ -80,7 +85,8 @@ COMPLETIONS = frozenset({OK, FAIL, INFO})
 ADD = "add"
 READ = "read"
 SCRAPE = "scrape"
-FUNCTIONS = frozenset({ADD, READ, SCRAPE})
+SETTLE = "settle"
+FUNCTIONS = frozenset({ADD, READ, SCRAPE, SETTLE})
 
 _FIELDS = ("index", "process", "type", "f", "time", "value", "key", "node", "error")
 

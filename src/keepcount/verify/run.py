@@ -26,8 +26,12 @@ from typing import Any
 
 from keepcount.verify.checker import Result, check
 from keepcount.verify.history import HistoryWriter, read_history
+from keepcount.verify.verdict import compose
 
-__all__ = ["Options", "Verdict", "verify"]
+__all__ = ["MUTANTS", "Options", "Verdict", "verify"]
+
+MUTANTS = ("ack-before-durable", "wall-clock-lease", "settle-without-refusal")
+"""Deliberately broken nodes (``keepcount node --unsafe-<mutant>``) that a run must judge invalid."""
 
 
 @dataclass
@@ -36,6 +40,9 @@ class Options:
     duration: float = 60.0
     clients: int = 8
     keyed: float = 0.5
+    abandon: float = 0.25
+    """Share of keyed increments whose client abandons them in doubt and
+    settles their key instead (``verify.workload``)."""
     faults: tuple[str, ...] = ("kill", "pause", "coordinator")
     store: str = "sqlite"
     coordinator: str = "etcd"
@@ -44,7 +51,8 @@ class Options:
     seed: int = 0
     quiet: float = 4.0
     mutant: str | None = None
-    """``ack-before-durable``: run deliberately broken nodes (the mutation test)."""
+    """``ack-before-durable`` or ``wall-clock-lease``: run deliberately broken
+    nodes (the mutation tests)."""
     settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,10 +81,11 @@ async def verify(opts: Options, log: Callable[[str], None] = print) -> Verdict:
     directory.mkdir(parents=True, exist_ok=True)
     for old in ("history.jsonl", "results.json", "report.html"):  # a new run, not an append
         (directory / old).unlink(missing_ok=True)
-    node_args = ["--unsafe-ack-before-durable"] if opts.mutant == "ack-before-durable" else []
+    node_args = [f"--unsafe-{opts.mutant}"] if opts.mutant in MUTANTS else []
     spec = ClusterSpec.allocate(
         cluster_dir, nodes=opts.nodes, lb=opts.lb, coordinator=opts.coordinator,
-        store=None if opts.store == "sqlite" else opts.store, extra={"node_args": node_args},
+        store=None if opts.store == "sqlite" else opts.store,
+        extra={"node_args": node_args, "clocks": "clock" in opts.faults},
     )  # fmt: skip
     spec.save()
     sup = Supervisor(spec, api=False)
@@ -98,7 +107,7 @@ async def verify(opts: Options, log: Callable[[str], None] = print) -> Verdict:
             return out
 
         workload = Workload(spec.lb_url, writer, nodes, clients=opts.clients, keyed=opts.keyed,
-                            seed=opts.seed)  # fmt: skip
+                            abandon=opts.abandon, seed=opts.seed)  # fmt: skip
         nemesis = Nemesis(sup, opts.faults, opts.seed, lambda: time.monotonic() - workload.started,
                           quiet=opts.quiet, log=log)  # fmt: skip
         for kind, why in nemesis.unavailable.items():
@@ -117,7 +126,9 @@ async def verify(opts: Options, log: Callable[[str], None] = print) -> Verdict:
         stop_load.set()
         await load_task
         unresolved = await workload.settle(time.monotonic() + 60)
-        log(f"verify: settled; {unresolved} keyed increments left unknown")
+        log(f"verify: settled; {unresolved} keyed increments left unknown; abandoned keys "
+            f"settled {workload.settled['applied']} applied, "
+            f"{workload.settled['not_applied']} not applied")  # fmt: skip
     finally:
         writer.close()
         sup.stop()
@@ -129,11 +140,17 @@ async def verify(opts: Options, log: Callable[[str], None] = print) -> Verdict:
             sup.partitions.close()
     history = read_history(history_file)
     results = check(history, nemesis.faults)
+    for judged in (nemesis.clock_result(), nemesis.corrupt_result()):
+        if judged is not None:  # a judgement of the fault itself, beside the history's
+            results[judged.name] = judged
+            results["valid"] = compose(r for name, r in results.items() if name != "valid")
     settings = {
         **{k: v for k, v in asdict(opts).items() if k not in ("settings", "directory")},
         "directory": str(directory),
         "operations": len(history),
         "unavailable_faults": nemesis.unavailable,
+        "clock_jumps": nemesis.jumps,
+        "flips": len(nemesis.flips),
         "store_url": sup.store_url,
         **opts.settings,
     }

@@ -14,6 +14,17 @@ recorded as an ``invoke`` then its completion:
   ended ``info`` is sent again with the same key until it is ``ok`` or
   ``fail`` (a plain one is left unknown).
 
+Abandoned increments: a share ``abandon`` of the keyed increments is sent by
+an *impatient* client: one attempt with a deadline of ``ABANDON_DEADLINE``
+(shorter than a flush under load, so many end in doubt while their delta is
+still queued on a node, to land a moment later or never).  If it ends
+``info``, the client does not send it again: it gives it up and settles its
+key (``GET /v1/idempotency/{key}`` through the load balancer, so on any
+node), asking again while the answer is ``in_flight`` or the request fails.
+Each ask is an op ``settle`` (``keepcount.verify.history``): ``ok`` with
+``applied`` true (counted: it now counts as acknowledged) or false (never
+counted, for good: it counts as failed), else ``info``.
+
 A reader process reads the cluster totals through the load balancer every
 ``read_every`` seconds; a scraper reads each node's own ``/metrics`` directly
 (the verifier finds the nodes through the cluster's supervisor).  After the
@@ -35,6 +46,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -63,6 +75,12 @@ RESEND_BACKOFF = (0.02, 0.5)
 the second figure."""
 SETTLE_PAUSE = 0.2
 """Pause between two sends of an increment (or reads) while settling."""
+ABANDON_DEADLINE = 0.02
+"""Seconds an impatient client waits for its one attempt of an increment it
+will abandon if in doubt: about a group commit under load, so that a good
+share of them end in doubt with their delta queued or in flight."""
+DEFAULT_ABANDON = 0.25
+"""Share of keyed increments sent by impatient clients (``--abandon``)."""
 _ERRORS = OSError
 """What leaves a request's outcome unknown (``keepcount.httpclient``): no
 answer within the deadline (``TimeoutError``), a connection refused, reset or
@@ -82,6 +100,7 @@ class Workload:
         *,
         clients: int = 8,
         keyed: float = 0.5,
+        abandon: float = DEFAULT_ABANDON,
         seed: int = 0,
         read_every: float = 0.5,
     ) -> None:
@@ -90,6 +109,7 @@ class Workload:
         self.nodes = nodes
         self.clients = clients
         self.keyed = keyed
+        self.abandon = abandon
         self.seed = seed
         self.read_every = read_every
         self.started = time.monotonic()
@@ -98,8 +118,12 @@ class Workload:
         """node -> the history process that scrapes it (one each, after the clients')."""
         self._pending: list[tuple[int, dict[str, Any], str]] = []
         """Keyed increments still unknown when their client stopped: (process, value, key)."""
+        self._abandoned: list[tuple[int, dict[str, Any], str]] = []
+        """Abandoned increments not settled when their client stopped: (process, value, key)."""
         self.acked = 0
         self.attempts = 0
+        self.settled = {"applied": 0, "not_applied": 0}
+        """Abandoned increments by how their key was settled."""
 
     # -- recording -------------------------------------------------------------
 
@@ -144,12 +168,19 @@ class Workload:
             key = uuid.UUID(int=rnd.getrandbits(128)).hex if keyed else None
             if key is None:
                 await self._add(session, process, value, None)  # unknown stays unknown
+            elif rnd.random() < self.abandon:
+                outcome = await self._add(session, process, value, key, ABANDON_DEADLINE)
+                if _unknown(outcome) and not await self._settle_until(
+                    session, process, value, key, stop
+                ):
+                    self._abandoned.append((process, value, key))
             elif _unknown(await resend(self._add, session, process, value, key)):
                 self._pending.append((process, value, key))
 
     async def _add(
-        self, session: aiohttp.ClientSession, process: int, value: dict[str, Any], key: str | None
-    ) -> str:
+        self, session: aiohttp.ClientSession, process: int, value: dict[str, Any],
+        key: str | None, timeout: float | None = None,
+    ) -> str:  # fmt: skip
         self.record(process, "invoke", "add", value, key=key)
         self.attempts += 1
         headers = {"Content-Type": "application/json"}
@@ -158,7 +189,7 @@ class Workload:
         try:
             status, body = await exchange(
                 session, "POST", f"{self.lb_url}/v1/counters/{COUNTER}/increment",
-                body=json.dumps(value).encode(), headers=headers,
+                body=json.dumps(value).encode(), headers=headers, timeout=timeout,
             )  # fmt: skip
         except _ERRORS as exc:
             self.record(process, "info", "add", value, key=key, error=failure_name(exc))
@@ -172,6 +203,43 @@ class Workload:
         kind = "fail" if 400 <= status < 500 else "info"
         self.record(process, kind, "add", value, key=key, error=error)
         return kind
+
+    async def _settle(
+        self, session: aiohttp.ClientSession, process: int, value: dict[str, Any], key: str
+    ) -> str:
+        """Ask once how ``key`` settles: ``ok`` (final: applied or not) or ``info``."""
+        self.record(process, "invoke", "settle", value, key=key)
+        try:
+            status, body = await exchange(
+                session, "GET", f"{self.lb_url}/v1/idempotency/{quote(key, safe='')}"
+            )
+        except _ERRORS as exc:
+            self.record(process, "info", "settle", value, key=key, error=failure_name(exc))
+            return "info"
+        answer = _json(body)
+        fate = answer.get("status") if status == 200 and isinstance(answer, dict) else None
+        if fate in self.settled:
+            assert isinstance(fate, str)
+            self.settled[fate] += 1
+            receipt = answer.get("receipt") or {}
+            self.record(process, "ok", "settle", {**value, "applied": fate == "applied"},
+                        key=key, node=receipt.get("node"))  # fmt: skip
+            return "ok"
+        error = f"{status} {fate or _code(answer)}"
+        self.record(process, "info", "settle", value, key=key, error=error)
+        return "info"
+
+    async def _settle_until(
+        self, session: aiohttp.ClientSession, process: int, value: dict[str, Any], key: str,
+        stop: asyncio.Event,
+    ) -> bool:  # fmt: skip
+        """Settle ``key`` until its fate is final; False if ``stop`` came first."""
+        asking = AsyncRetrying(
+            retry=retry_if_result(_unknown), wait=wait_fixed(SETTLE_PAUSE),
+            stop=lambda _: stop.is_set(), retry_error_callback=_last_outcome,
+        )  # fmt: skip
+        outcome: str = await asking(self._settle, session, process, value, key)
+        return not _unknown(outcome)
 
     async def read(self, session: aiohttp.ClientSession, process: int) -> Op:
         """One read of the cluster totals through the load balancer."""
@@ -237,13 +305,20 @@ class Workload:
 
     async def settle(self, deadline: float) -> int:
         """Send every keyed increment left unknown again (same key) until it
-        is ok or fail, or ``deadline`` (monotonic) passes; the number still
-        unknown.  Then a final read, retried until it answers."""
+        is ok or fail, and settle every abandoned one not settled yet, or
+        ``deadline`` (monotonic) passes; the number still unknown.  Then a
+        final read, retried until it answers."""
         async with new_session(timeout=REQUEST_TIMEOUT) as session:
             pending, self._pending = self._pending, []
+            abandoned, self._abandoned = self._abandoned, []
             left = 0
             for process, value, key in pending:
                 outcome = await _until(deadline, _unknown, self._add, session, process, value, key)
+                left += outcome is None or _unknown(outcome)
+            for process, value, key in abandoned:
+                outcome = await _until(
+                    deadline, _unknown, self._settle, session, process, value, key
+                )
                 left += outcome is None or _unknown(outcome)
             await _until(deadline, _not_ok, self.read, session, self.clients)
         return left

@@ -20,6 +20,7 @@ from keepcount.errors import (
     OutcomeUnknown,
     StoreUnavailable,
 )
+from keepcount.stores.cassandra.driver_clock import use_monotonic_clock
 from keepcount.stores.cassandra.fence import ensure_schema
 
 __all__ = [
@@ -117,6 +118,7 @@ def connect(
     connection_class = _connection_class()
     if connection_class is not None:
         kwargs["connection_class"] = connection_class
+    use_monotonic_clock()  # a wall clock step must not change the driver's timeouts
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         cluster = driver.Cluster(**kwargs)
@@ -294,16 +296,28 @@ class Statements:
             statement.is_idempotent = name not in self._ONCE
 
 
+# Cassandra 5.0's defaults, stated: SSTables compressed in 16 KiB chunks,
+# each with a CRC that every read checks, so a replica refuses a flipped
+# byte rather than serving what it decodes (issue 18; an uncompressed table
+# has no per-read check of its data).  A QUORUM read asks two replicas and
+# fails if one of them fails, so a replica that refuses a corrupt chunk
+# would make every restore of the nodes in it fail; node_rows reads ask
+# all three at once (speculative_retry ALWAYS) and any two answers suffice
+# (tests/integration/test_cassandra_corruption.py).
+_CHECKED = (
+    " WITH compression = {{'class': 'LZ4Compressor', 'chunk_length_in_kb': 16}}"
+    " AND crc_check_chance = 1.0"
+)
 _SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS {ks}.meta (name text PRIMARY KEY, val text)",
+    "CREATE TABLE IF NOT EXISTS {ks}.meta (name text PRIMARY KEY, val text)" + _CHECKED,
     "CREATE TABLE IF NOT EXISTS {ks}.nodes (node text PRIMARY KEY, epoch bigint, "
-    "incarnation bigint, claimed_at double, released_at double, pid int, host text)",
+    "incarnation bigint, claimed_at double, released_at double, pid int, host text)" + _CHECKED,
     "CREATE TABLE IF NOT EXISTS {ks}.node_rows (node text, name text, labels text, ival bigint, "
     "sval text, created double, kind text, help text, labelnames text, buckets text, "
     "fingerprint text, result text, key_token text, expires double, "
-    "PRIMARY KEY (node, name, labels))",
+    "PRIMARY KEY (node, name, labels))" + _CHECKED + " AND speculative_retry = 'ALWAYS'",
     "CREATE TABLE IF NOT EXISTS {ks}.key_owner (idem_key text PRIMARY KEY, node text, "
-    "incarnation bigint, key_token text)",
+    "incarnation bigint, key_token text)" + _CHECKED,
 )
 
 

@@ -1,7 +1,8 @@
 """The SQLite store's file format: its schema, the checks a file passes before
 it is used, its creation (whole or not at all) and the upgrade of older
-versions (1 and 2) to ``FORMAT_VERSION`` 3.  Described in
-``keepcount.stores.sqlite``.
+versions (1, 2 and 3) to ``FORMAT_VERSION`` 4.  Described in
+``keepcount.stores.sqlite``; the row checksums of version 4 in ``checksums``
+and the check of the WAL before SQLite recovers it in ``wal``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import uuid
 from pathlib import Path
 
 from keepcount.errors import CorruptStore, KeepcountError, StoreUnavailable
+from keepcount.stores.sqlite.checksums import family_crc, key_crc, register, series_crc
 
 __all__ = [
     "APPLICATION_ID",
@@ -27,8 +29,8 @@ __all__ = [
 
 
 APPLICATION_ID = 0x6B636E74  # "kcnt"
-FORMAT_VERSION = 3
-_UPGRADABLE = (1, 2)  # older versions this one upgrades in place
+FORMAT_VERSION = 4
+_UPGRADABLE = (1, 2, 3)  # older versions this one upgrades in place
 
 _KIND_CHECK = "CHECK (kind IN ('counter', 'histogram') OR kind GLOB 'prometheus.*')"
 _FAMILIES = f"""
@@ -39,6 +41,7 @@ CREATE TABLE {{table}}(
     help TEXT NOT NULL,
     labelnames TEXT NOT NULL,
     buckets TEXT NOT NULL,
+    crc INTEGER NOT NULL,
     PRIMARY KEY (node, name)
 ) STRICT, WITHOUT ROWID;
 """
@@ -49,7 +52,8 @@ CREATE TABLE idempotency(
     fingerprint TEXT NOT NULL,
     result TEXT NOT NULL,
     token TEXT NOT NULL,
-    expires REAL NOT NULL
+    expires REAL NOT NULL,
+    crc INTEGER NOT NULL
 ) STRICT, WITHOUT ROWID;
 CREATE INDEX idempotency_expires ON idempotency(expires);
 """
@@ -73,6 +77,7 @@ CREATE TABLE series(
     labels TEXT NOT NULL,
     value ANY NOT NULL,
     created REAL NOT NULL,
+    crc INTEGER NOT NULL,
     PRIMARY KEY (node, name, labels)
 ) STRICT, WITHOUT ROWID;
 """
@@ -83,8 +88,8 @@ CREATE TABLE series(
 _REBUILD_FAMILIES = (
     _FAMILIES.format(table="families_v3")  # noqa: S608 - a constant name
     + """
-INSERT INTO families_v3(node, name, kind, help, labelnames, buckets)
-    SELECT node, name, kind, help, labelnames, buckets FROM families;
+INSERT INTO families_v3(node, name, kind, help, labelnames, buckets, crc)
+    SELECT node, name, kind, help, labelnames, buckets, 0 FROM families;
 DROP TABLE families;
 ALTER TABLE families_v3 RENAME TO families;
 """
@@ -92,10 +97,11 @@ ALTER TABLE families_v3 RENAME TO families;
 _TABLES = {
     "meta": ["key", "value"],
     "nodes": ["node", "epoch", "claimed_at", "released_at", "pid", "host"],
-    "families": ["node", "name", "kind", "help", "labelnames", "buckets"],
-    "series": ["node", "name", "labels", "value", "created"],
-    "idempotency": ["key", "node", "fingerprint", "result", "token", "expires"],
+    "families": ["node", "name", "kind", "help", "labelnames", "buckets", "crc"],
+    "series": ["node", "name", "labels", "value", "created", "crc"],
+    "idempotency": ["key", "node", "fingerprint", "result", "token", "expires", "crc"],
 }
+_CHECKSUMMED = ("families", "series", "idempotency")  # their last column is crc since version 4
 
 # Primary result codes (sqlite3.h) used to classify driver errors.
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_CORRUPT = 5, 6, 10, 11
@@ -106,7 +112,9 @@ _HEADER = b"SQLite format 3\x00"
 def create(path: Path) -> None:
     """Create a new store file at ``path``: built under a temporary name,
     fsynced, hard-linked into place (never over a file another process just
-    made), its directory fsynced.  ``StoreUnavailable`` if it cannot."""
+    made), the temporary name removed, the directory fsynced: durable once
+    it returns (``tests/system/test_power_loss.py`` cuts the power right
+    after).  ``StoreUnavailable`` if it cannot."""
     tmp = path.with_name(f".{path.name}.init-{uuid.uuid4().hex[:12]}")
     try:
         conn = sqlite3.connect(tmp, isolation_level=None)
@@ -136,6 +144,10 @@ def create(path: Path) -> None:
             os.link(tmp, path)  # never replaces a file another process just made
         except FileExistsError:
             pass
+        # The temporary name goes before the directory fsync, which makes the
+        # link and the unlink durable together: a power cut right after
+        # create() returns leaves the file, and no stray temporary copy.
+        os.unlink(tmp)
         _fsync_dir(path.parent)
     except (OSError, sqlite3.Error) as exc:
         raise StoreUnavailable(f"cannot create store {path}: {exc}") from exc
@@ -214,6 +226,7 @@ def connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
         )
     except sqlite3.Error as exc:
         raise translate(exc, f"cannot open {where}") from exc
+    register(conn)
     try:
         # Again through SQLite: the header above may predate changes still in the WAL.
         _check_identity(
@@ -225,7 +238,7 @@ def connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
         if problems != ["ok"]:
             raise CorruptStore(f"{where} is corrupt: {'; '.join(problems)}")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        expected = {t: c for t, c in _TABLES.items() if version > 1 or t != "idempotency"}
+        expected = _expected_tables(version)
         tables = {t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")] for t in _TABLES}
         tables = {t: c for t, c in tables.items() if c or t in expected}
         if tables != expected:
@@ -258,6 +271,14 @@ def connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
     return conn
 
 
+def _expected_tables(version: int) -> dict[str, list[str]]:
+    """Table -> columns of a file of format ``version``."""
+    tables = {t: c for t, c in _TABLES.items() if version > 1 or t != "idempotency"}
+    if version < 4:
+        tables = {t: c[:-1] if t in _CHECKSUMMED else c for t, c in tables.items()}
+    return tables
+
+
 def translate(exc: sqlite3.Error, context: str) -> KeepcountError:
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
     name = getattr(exc, "sqlite_errorname", type(exc).__name__)
@@ -269,15 +290,26 @@ def translate(exc: sqlite3.Error, context: str) -> KeepcountError:
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:
-    """Bring a version-1 or version-2 file to this version, in one transaction."""
+    """Bring a version 1, 2 or 3 file to this version, in one transaction.
+
+    Version 4 adds the ``crc`` columns: added with a default of 0, then
+    every row's checksum computed.  Rows damaged before the upgrade get a
+    checksum of their damage; the claim's checks (``FIND_DAMAGE``) still
+    see the damage keepcount can recognise."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version in _UPGRADABLE:  # not upgraded meanwhile
-            steps = (_IDEMPOTENCY if version < 2 else "") + _REBUILD_FAMILIES
+            add_crc = "ALTER TABLE {} ADD COLUMN crc INTEGER NOT NULL DEFAULT 0;"
+            steps = (
+                (_IDEMPOTENCY if version < 2 else add_crc.format("idempotency"))
+                + (_REBUILD_FAMILIES if version < 3 else add_crc.format("families"))
+                + add_crc.format("series")
+            )
             for stmt in steps.split(";"):
                 if stmt.strip():
                     conn.execute(stmt)
+            _fill_checksums(conn)
             conn.execute(
                 "UPDATE meta SET value = ? WHERE key = 'format_version'", (str(FORMAT_VERSION),)
             )
@@ -287,6 +319,37 @@ def _upgrade(conn: sqlite3.Connection) -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def _fill_checksums(conn: sqlite3.Connection) -> None:
+    """Compute the ``crc`` of every row (the upgrade to version 4)."""
+    conn.executemany(
+        "UPDATE series SET crc = ? WHERE node = ? AND name = ? AND labels = ?",
+        [
+            (series_crc(node, name, labels, value), node, name, labels)
+            for node, name, labels, value in conn.execute(
+                "SELECT node, name, labels, value FROM series"
+            ).fetchall()
+        ],
+    )
+    conn.executemany(
+        "UPDATE families SET crc = ? WHERE node = ? AND name = ?",
+        [
+            (family_crc(node, name, kind, labelnames, buckets), node, name)
+            for node, name, kind, labelnames, buckets in conn.execute(
+                "SELECT node, name, kind, labelnames, buckets FROM families"
+            ).fetchall()
+        ],
+    )
+    conn.executemany(
+        "UPDATE idempotency SET crc = ? WHERE key = ?",
+        [
+            (key_crc(*row), row[0])
+            for row in conn.execute(
+                "SELECT key, node, fingerprint, result, token, expires FROM idempotency"
+            ).fetchall()
+        ],
+    )
 
 
 def _fsync_dir(path: Path) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from keepcount.errors import CorruptStore, Fenced, InvalidInput
-from keepcount.stores.base import FamilyDef, check_kind, has_buckets
+from keepcount.stores.base import FamilyDef, SeriesRow, check_kind, has_buckets
+from keepcount.stores.sqlite.checksums import family_crc, series_crc
 
 # The first of a node's rows this format cannot hold: a series without its
 # family, a counter that is not a non-negative integer, a histogram that is not
@@ -38,16 +39,17 @@ WHERE s.node = ?1 AND (
 LIMIT 1
 """
 
+# The stored kind, labelnames and buckets stay, so their checksum stays too.
 UPSERT_FAMILY = (
-    "INSERT INTO families(node, name, kind, help, labelnames, buckets) VALUES (?,?,?,?,?,?) "
-    "ON CONFLICT(node, name) DO UPDATE SET help = excluded.help"
+    "INSERT INTO families(node, name, kind, help, labelnames, buckets, crc) "
+    "VALUES (?,?,?,?,?,?,?) ON CONFLICT(node, name) DO UPDATE SET help = excluded.help"
 )
 _T = TypeVar("_T")
 
 # Rows per multi-row statement.  One statement per flush rather than one
 # per row: the sqlite3 module releases the GIL around every statement step,
 # and each time the flusher thread takes it back from a busy event loop it
-# may wait a whole switch interval.  5 or 6 parameters a row stays far under
+# may wait a whole switch interval.  6 or 7 parameters a row stays far under
 # SQLite's 32,766 variables per statement.
 SERIES_PER_STATEMENT = 500
 KEYS_PER_STATEMENT = 500
@@ -56,9 +58,9 @@ KEYS_PER_STATEMENT = 500
 @functools.lru_cache(maxsize=64)
 def upsert_series(rows: int) -> str:
     return (
-        "INSERT INTO series(node, name, labels, value, created) VALUES "  # noqa: S608 - only ?s
-        + ",".join(["(?,?,?,?,?)"] * rows)
-        + " ON CONFLICT(node, name, labels) DO UPDATE SET value = excluded.value"
+        "INSERT INTO series(node, name, labels, value, created, crc) VALUES "  # noqa: S608 - only ?s
+        + ",".join(["(?,?,?,?,?,?)"] * rows)
+        + " ON CONFLICT(node, name, labels) DO UPDATE SET value = excluded.value, crc = excluded.crc"
     )
 
 
@@ -67,10 +69,10 @@ def upsert_series_fenced(rows: int) -> str:
     # INSERT ... SELECT with ON CONFLICT needs a WHERE (SQLite's parsing
     # ambiguity); this one is the epoch check.
     return (
-        "INSERT INTO series(node, name, labels, value, created) "  # noqa: S608 - only ?s
-        "SELECT * FROM (VALUES " + ",".join(["(?,?,?,?,?)"] * rows) + ") "
+        "INSERT INTO series(node, name, labels, value, created, crc) "  # noqa: S608 - only ?s
+        "SELECT * FROM (VALUES " + ",".join(["(?,?,?,?,?,?)"] * rows) + ") "
         "WHERE (SELECT epoch FROM nodes WHERE node = ?) = ? "
-        "ON CONFLICT(node, name, labels) DO UPDATE SET value = excluded.value"
+        "ON CONFLICT(node, name, labels) DO UPDATE SET value = excluded.value, crc = excluded.crc"
     )
 
 
@@ -94,11 +96,11 @@ def insert_keys(keys: int) -> str:
     # Replaces an expired record (the last parameter is now); live ones were
     # refused before it runs.
     return (
-        "INSERT INTO idempotency(key, node, fingerprint, result, token, expires) VALUES "  # noqa: S608
-        + ",".join(["(?,?,?,?,?,?)"] * keys)
+        "INSERT INTO idempotency(key, node, fingerprint, result, token, expires, crc) VALUES "  # noqa: S608
+        + ",".join(["(?,?,?,?,?,?,?)"] * keys)
         + " ON CONFLICT(key) DO UPDATE SET node = excluded.node, "
         "fingerprint = excluded.fingerprint, result = excluded.result, token = excluded.token, "
-        "expires = excluded.expires WHERE idempotency.expires <= ?"
+        "expires = excluded.expires, crc = excluded.crc WHERE idempotency.expires <= ?"
     )
 
 
@@ -125,4 +127,15 @@ def family_def(
 
 def family_row(node: str, f: FamilyDef) -> tuple[Any, ...]:
     finite = [b for b in f.buckets if b != math.inf]  # +Inf is implied: strict JSON has no Infinity
-    return (node, f.name, f.kind, f.help, json.dumps(f.labelnames), json.dumps(finite))
+    labelnames, buckets = json.dumps(f.labelnames), json.dumps(finite)
+    crc = family_crc(node, f.name, f.kind, labelnames, buckets)
+    return (node, f.name, f.kind, f.help, labelnames, buckets, crc)
+
+
+def series_params(node: str, series: Sequence[SeriesRow]) -> list[object]:
+    """The parameters of ``upsert_series(len(series))``: each row with its
+    node and checksum."""
+    values: list[object] = []
+    for name, labels, value, created in series:
+        values += (node, name, labels, value, created, series_crc(node, name, labels, value))
+    return values

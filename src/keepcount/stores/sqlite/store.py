@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from operator import itemgetter
 from pathlib import Path
 
 from keepcount.errors import (
@@ -32,6 +33,15 @@ from keepcount.stores.base import (
     check_kind,
     next_epoch,
 )
+from keepcount.stores.sqlite.checksums import (
+    CHECKED_VALUE,
+    bad_series,
+    check_family,
+    check_key,
+    checked_value_of,
+    family_seed,
+    key_crc,
+)
 from keepcount.stores.sqlite.locks import WriterTurn, lock_node
 from keepcount.stores.sqlite.schema import check_header, connect, create, translate
 from keepcount.stores.sqlite.statements import (
@@ -45,9 +55,11 @@ from keepcount.stores.sqlite.statements import (
     family_row,
     insert_keys,
     live_keys,
+    series_params,
     upsert_series,
     upsert_series_fenced,
 )
+from keepcount.stores.sqlite.wal import check_wal
 
 __all__ = ["DEFAULT_BUSY_TIMEOUT", "SQLiteStore"]
 
@@ -82,6 +94,7 @@ class SQLiteStore:
         if not self.path.exists():
             create(self.path)
         check_header(self.path)
+        check_wal(self.path, f"store {self.path}")
         self._conn = connect(self.path, busy_timeout)
 
     # -- the Store protocol --------------------------------------------------
@@ -126,16 +139,28 @@ class SQLiteStore:
 
     def load(self, node: str) -> Snapshot:
         snap = Snapshot()
+        path = self.path
         with self._lock, self._txn(f"load node {node!r}", write=False) as c:
-            for name, kind, help_, labelnames, buckets in c.execute(
-                "SELECT name, kind, help, labelnames, buckets FROM families WHERE node = ?", (node,)
+            for name, kind, help_, labelnames, buckets, crc in c.execute(
+                "SELECT name, kind, help, labelnames, buckets, crc FROM families WHERE node = ?",
+                (node,),
             ):
-                snap.families[name] = family_def(self.path, name, kind, help_, labelnames, buckets)
-            for name in snap.families:
-                args = (node, name)
-                snap.values[name] = dict(
-                    c.execute("SELECT labels, value FROM series WHERE node = ? AND name = ?", args)
-                )
+                snap.families[name] = family_def(path, name, kind, help_, labelnames, buckets)
+                check_family(path, node, name, kind, labelnames, buckets, crc)
+            query = (
+                f"SELECT labels, {checked_value_of('?3')} FROM series "  # noqa: S608 - a constant
+                "WHERE node = ?1 AND name = ?2"
+            )
+            for name, family in snap.families.items():
+                args = (node, name, family_seed(node, name))
+                values = snap.values[name] = dict(c.execute(query, args))
+                if None in values.values():  # a checksum failed
+                    labels = next(k for k, v in values.items() if v is None)
+                    (value,) = c.execute(
+                        "SELECT value FROM series WHERE node = ? AND name = ? AND labels = ?",
+                        (node, name, labels),
+                    ).fetchone()
+                    raise bad_series(path, node, name, labels, value, family)
         return snap
 
     def load_created(self, node: str) -> dict[str, dict[str, float]]:
@@ -195,10 +220,7 @@ class SQLiteStore:
         the epoch itself: atomic and durable on its own, and one GIL release
         for the flusher thread instead of four (see ``SERIES_PER_STATEMENT``)."""
         self._check_open()
-        values: list[object] = []
-        for row in series:
-            values.append(node)
-            values += row
+        values = series_params(node, series)
         values += (node, epoch)
         try:
             written = self._conn.execute(upsert_series_fenced(len(series)), values).rowcount
@@ -241,28 +263,28 @@ class SQLiteStore:
                 for chunk in chunks(keys, KEYS_PER_STATEMENT):
                     params: list[object] = []
                     for k in chunk:
-                        params += (k.key, k.node, k.fingerprint, k.result, k.token, k.expires)
+                        fields = (k.key, k.node, k.fingerprint, k.result, k.token, k.expires)
+                        params += (*fields, key_crc(*fields))
                     params.append(now)
                     c.execute(insert_keys(len(chunk)), params)
             if families:
                 c.executemany(UPSERT_FAMILY, [family_row(node, f) for f in families])
             for rows in chunks(series, SERIES_PER_STATEMENT):
-                values: list[object] = []
-                for row in rows:
-                    values.append(node)
-                    values += row
-                c.execute(upsert_series(len(rows)), values)
+                c.execute(upsert_series(len(rows)), series_params(node, rows))
 
     native_key_expiry = False
 
     def lookup_key(self, key: str) -> KeyRecord | None:
         with self._lock, self._txn("look up an idempotency key", write=False) as c:
             row = c.execute(
-                "SELECT key, node, fingerprint, result, token, expires FROM idempotency "
+                "SELECT key, node, fingerprint, result, token, expires, crc FROM idempotency "
                 "WHERE key = ? AND expires > ?",
                 (key, time.time()),
             ).fetchone()
-        return None if row is None else KeyRecord(*row)
+        if row is None:
+            return None
+        check_key(self.path, *row)
+        return KeyRecord(*row[:-1])
 
     def lookup_keys(self, keys: Sequence[str]) -> dict[str, KeyRecord | None]:
         found: dict[str, KeyRecord | None] = dict.fromkeys(keys)
@@ -271,11 +293,12 @@ class SQLiteStore:
                 chunk = list(found)[start : start + 500]
                 marks = ",".join("?" * len(chunk))
                 query = (  # only "?" placeholders are formatted in
-                    "SELECT key, node, fingerprint, result, token, expires FROM idempotency "  # noqa: S608
-                    f"WHERE key IN ({marks}) AND expires > ?"
+                    "SELECT key, node, fingerprint, result, token, expires, crc "  # noqa: S608
+                    f"FROM idempotency WHERE key IN ({marks}) AND expires > ?"
                 )
                 for row in c.execute(query, (*chunk, time.time())):
-                    found[row[0]] = KeyRecord(*row)
+                    check_key(self.path, *row)
+                    found[row[0]] = KeyRecord(*row[:-1])
         return found
 
     def expire_keys(self, now: float, limit: int = 1000) -> int:
@@ -289,17 +312,27 @@ class SQLiteStore:
     def read_cluster(self, name: str | None = None) -> ClusterSnapshot:
         snap = ClusterSnapshot()
         where, args = ("WHERE name = ?", (name,)) if name is not None else ("", ())
+        path = self.path
         with self._lock, self._txn("read cluster totals", write=False) as c:
-            for node, fname, kind, help_, labelnames, buckets in c.execute(
-                f"SELECT node, name, kind, help, labelnames, buckets FROM families {where}",  # noqa: S608
+            for node, fname, kind, help_, labelnames, buckets, crc in c.execute(
+                f"SELECT node, name, kind, help, labelnames, buckets, crc FROM families {where}",  # noqa: S608
                 args,
             ):
-                fam = family_def(self.path, fname, kind, help_, labelnames, buckets)
+                fam = family_def(path, fname, kind, help_, labelnames, buckets)
+                check_family(path, node, fname, kind, labelnames, buckets, crc)
                 snap.families.setdefault(node, {})[fname] = fam
             snap.rows = c.execute(
-                f"SELECT node, name, labels, value FROM series {where}",  # noqa: S608
+                f"SELECT node, name, labels, {CHECKED_VALUE} FROM series {where}",  # noqa: S608
                 args,
             ).fetchall()
+            if None in map(itemgetter(3), snap.rows):  # a checksum failed
+                node, fname, labels, _ = next(r for r in snap.rows if r[3] is None)
+                (value,) = c.execute(
+                    "SELECT value FROM series WHERE node = ? AND name = ? AND labels = ?",
+                    (node, fname, labels),
+                ).fetchone()
+                family = snap.families.get(node, {}).get(fname)
+                raise bad_series(path, node, fname, labels, value, family)
         return snap
 
     def nodes(self) -> list[NodeRecord]:
