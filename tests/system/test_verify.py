@@ -92,11 +92,15 @@ def settled(doc: dict) -> dict[str, int]:
 @pytest.mark.g2
 def test_abandoned_increments_settle_for_sure_and_the_run_is_valid(tmp_path: Path) -> None:
     """Impatient clients give up half of their keyed increments when in doubt
-    and settle the keys instead of resending; under kills, some land
-    (applied) and some never do (not applied, for good), and the final read
-    equals the acknowledged plus the settled-applied, label set by label set."""
-    out, doc = verify(tmp_path, "--duration", "15", "--faults", "kill", "--seed", "11",
-                      "--quiet", "2", "--abandon", "0.5")  # fmt: skip
+    and settle the keys instead of resending; under kills and pauses, some
+    land (applied) and some never do (not applied, for good), and the final
+    read equals the acknowledged plus the settled-applied, label set by label
+    set.  A 2 ms deadline leaves most abandoned increments in doubt even on
+    an idle machine (thousands settled applied, tens not applied in 15 s): at
+    the default 20 ms, an idle machine answers nearly all of them in time."""
+    out, doc = verify(tmp_path, "--duration", "15", "--faults", "kill,pause", "--seed", "11",
+                      "--quiet", "2", "--abandon", "0.5",
+                      "--abandon-deadline", "0.002")  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert doc["valid"] is True
     counts = settled(doc)
@@ -112,7 +116,7 @@ def test_nodes_that_settle_without_refusing_are_caught(tmp_path: Path) -> None:
     recording the refusal, so an abandoned increment still queued lands after
     it was reported not applied; the verdict must be INVALID."""
     out, doc = verify(tmp_path, "--duration", "15", "--faults", "kill", "--seed", "11",
-                      "--quiet", "2", "--abandon", "0.5",
+                      "--quiet", "2", "--abandon", "0.5", "--abandon-deadline", "0.002",
                       "--mutant", "settle-without-refusal")  # fmt: skip
     assert out.returncode == 1, out.stdout + out.stderr
     assert doc["valid"] is False

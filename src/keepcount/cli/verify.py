@@ -52,6 +52,10 @@ EXIT_UNKNOWN = 3
 @click.option("--abandon", type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help="Share of keyed increments sent by impatient clients, which give an "
                    "increment up when in doubt and settle its key instead.")  # fmt: skip
+@click.option("--abandon-deadline", type=click.FloatRange(0.0005, 10), default=0.02,
+              show_default=True,
+              help="Seconds an impatient client waits for its one attempt; shorter leaves "
+                   "more increments in doubt (and settled).")  # fmt: skip
 @click.option("--mutant", type=click.Choice(["ack-before-durable", "wall-clock-lease",
                                              "settle-without-refusal"]),
               default=None, hidden=True,
@@ -59,6 +63,7 @@ EXIT_UNKNOWN = 3
 def verify(
     duration: float, clients: int, keyed: float, faults: str, store: str, coordinator: str,
     lb: str, nodes: int, seed: int | None, quiet: float, directory: Path, abandon: float,
+    abandon_deadline: float,
     mutant: str | None,
 ) -> None:  # fmt: skip
     """Inject faults into a live cluster and check its history: no acknowledged
@@ -88,6 +93,7 @@ def verify(
             directory=directory, duration=duration, clients=clients, keyed=keyed, faults=kinds,
             store="cassandra" if store == "cassandra" else "sqlite", coordinator=coordinator, lb=lb,
             nodes=nodes, seed=seed, quiet=quiet, mutant=mutant, abandon=abandon,
+            abandon_deadline=abandon_deadline,
         )  # fmt: skip
         verdict = asyncio.run(run(opts, log))
         for name, result in verdict.results.items():

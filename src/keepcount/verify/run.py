@@ -43,6 +43,9 @@ class Options:
     abandon: float = 0.25
     """Share of keyed increments whose client abandons them in doubt and
     settles their key instead (``verify.workload``)."""
+    abandon_deadline: float = 0.02
+    """Seconds an impatient client waits for its one attempt before it is in
+    doubt (``verify.workload.ABANDON_DEADLINE``)."""
     faults: tuple[str, ...] = ("kill", "pause", "coordinator")
     store: str = "sqlite"
     coordinator: str = "etcd"
@@ -107,7 +110,8 @@ async def verify(opts: Options, log: Callable[[str], None] = print) -> Verdict:
             return out
 
         workload = Workload(spec.lb_url, writer, nodes, clients=opts.clients, keyed=opts.keyed,
-                            abandon=opts.abandon, seed=opts.seed)  # fmt: skip
+                            abandon=opts.abandon, abandon_deadline=opts.abandon_deadline,
+                            seed=opts.seed)  # fmt: skip
         nemesis = Nemesis(sup, opts.faults, opts.seed, lambda: time.monotonic() - workload.started,
                           quiet=opts.quiet, log=log)  # fmt: skip
         for kind, why in nemesis.unavailable.items():

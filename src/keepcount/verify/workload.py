@@ -101,6 +101,7 @@ class Workload:
         clients: int = 8,
         keyed: float = 0.5,
         abandon: float = DEFAULT_ABANDON,
+        abandon_deadline: float = ABANDON_DEADLINE,
         seed: int = 0,
         read_every: float = 0.5,
     ) -> None:
@@ -110,6 +111,7 @@ class Workload:
         self.clients = clients
         self.keyed = keyed
         self.abandon = abandon
+        self.abandon_deadline = abandon_deadline
         self.seed = seed
         self.read_every = read_every
         self.started = time.monotonic()
@@ -169,7 +171,7 @@ class Workload:
             if key is None:
                 await self._add(session, process, value, None)  # unknown stays unknown
             elif rnd.random() < self.abandon:
-                outcome = await self._add(session, process, value, key, ABANDON_DEADLINE)
+                outcome = await self._add(session, process, value, key, self.abandon_deadline)
                 if _unknown(outcome) and not await self._settle_until(
                     session, process, value, key, stop
                 ):
