@@ -45,6 +45,7 @@ __all__ = [
     "family_crc",
     "family_seed",
     "key_crc",
+    "refuse_series",
     "register",
     "series_crc",
     "verify_rows",
@@ -154,6 +155,23 @@ def bad_series(
         f"the stored value {value!r} fails its checksum (a flipped bit on disk, or a "
         "write keepcount did not make); refusing it rather than serving it"
     )
+
+
+def refuse_series(
+    conn: sqlite3.Connection | sqlite3.Cursor,
+    path: Path,
+    node: str,
+    name: str,
+    labels: str,
+    family: FamilyDef | None,
+) -> CorruptStore:
+    """The ``CorruptStore`` of the series row a checked read returned NULL
+    for, naming the value as stored (read again, unchecked)."""
+    (value,) = conn.execute(
+        "SELECT value FROM series WHERE node = ? AND name = ? AND labels = ?",
+        (node, name, labels),
+    ).fetchone()
+    return bad_series(path, node, name, labels, value, family)
 
 
 def check_family(

@@ -35,12 +35,12 @@ from keepcount.stores.base import (
 )
 from keepcount.stores.sqlite.checksums import (
     CHECKED_VALUE,
-    bad_series,
     check_family,
     check_key,
     checked_value_of,
     family_seed,
     key_crc,
+    refuse_series,
 )
 from keepcount.stores.sqlite.locks import WriterTurn, lock_node
 from keepcount.stores.sqlite.schema import check_header, connect, create, translate
@@ -156,11 +156,7 @@ class SQLiteStore:
                 values = snap.values[name] = dict(c.execute(query, args))
                 if None in values.values():  # a checksum failed
                     labels = next(k for k, v in values.items() if v is None)
-                    (value,) = c.execute(
-                        "SELECT value FROM series WHERE node = ? AND name = ? AND labels = ?",
-                        (node, name, labels),
-                    ).fetchone()
-                    raise bad_series(path, node, name, labels, value, family)
+                    raise refuse_series(c, path, node, name, labels, family)
         return snap
 
     def load_created(self, node: str) -> dict[str, dict[str, float]]:
@@ -275,16 +271,7 @@ class SQLiteStore:
     native_key_expiry = False
 
     def lookup_key(self, key: str) -> KeyRecord | None:
-        with self._lock, self._txn("look up an idempotency key", write=False) as c:
-            row = c.execute(
-                "SELECT key, node, fingerprint, result, token, expires, crc FROM idempotency "
-                "WHERE key = ? AND expires > ?",
-                (key, time.time()),
-            ).fetchone()
-        if row is None:
-            return None
-        check_key(self.path, *row)
-        return KeyRecord(*row[:-1])
+        return self.lookup_keys([key])[key]
 
     def lookup_keys(self, keys: Sequence[str]) -> dict[str, KeyRecord | None]:
         found: dict[str, KeyRecord | None] = dict.fromkeys(keys)
@@ -327,12 +314,8 @@ class SQLiteStore:
             ).fetchall()
             if None in map(itemgetter(3), snap.rows):  # a checksum failed
                 node, fname, labels, _ = next(r for r in snap.rows if r[3] is None)
-                (value,) = c.execute(
-                    "SELECT value FROM series WHERE node = ? AND name = ? AND labels = ?",
-                    (node, fname, labels),
-                ).fetchone()
                 family = snap.families.get(node, {}).get(fname)
-                raise bad_series(path, node, fname, labels, value, family)
+                raise refuse_series(c, path, node, fname, labels, family)
         return snap
 
     def nodes(self) -> list[NodeRecord]:
