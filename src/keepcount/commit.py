@@ -400,7 +400,9 @@ class GroupCommit(KeyedCommit):
             try:
                 self._write([fam.definition for fam in f.families], f.rows, records)
             except KeyConflict as conflict:
-                error = self._resolve_conflict(f, conflict.keys, conflict.pending)
+                error = self._resolve_conflict(
+                    f, conflict.keys, conflict.pending, conflict.undecided
+                )
                 if error is not None:
                     return error
                 continue

@@ -139,19 +139,28 @@ class KeyConflict(KeepcountError):
     """A store write carried idempotency keys that are already recorded (and
     not expired) — ``keys`` — or that another live writer is recording right
     now — ``pending`` (a store without transactions across partitions, such
-    as Cassandra, can see a key taken before its record lands); the store
-    wrote nothing.  Internal to the group commit, which resolves it: it never
-    reaches an application."""
+    as Cassandra, can see a key taken before its record lands) — or whose
+    owner the store could not decide in time — ``undecided`` (Cassandra: the
+    key's lightweight transaction or its owner's record timed out; this
+    writer may hold the key); the store wrote nothing.  Internal to the group
+    commit, which resolves it: it never reaches an application."""
 
     code = ErrorCode.IDEMPOTENCY_KEY_CONFLICT
 
-    def __init__(self, message: str, keys: Sequence[str] = (), pending: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        message: str,
+        keys: Sequence[str] = (),
+        pending: Sequence[str] = (),
+        undecided: Sequence[str] = (),
+    ) -> None:
         super().__init__(message)
         self.keys = list(keys)
         self.pending = list(pending)
+        self.undecided = list(undecided)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.args[0], self.keys, self.pending))
+        return (type(self), (self.args[0], self.keys, self.pending, self.undecided))
 
 
 class StoreError(KeepcountError):

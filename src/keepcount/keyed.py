@@ -17,6 +17,10 @@ the store); the flusher then looks each such key up and:
   ``IdempotencyKeyReused``;
 - keeps it as written if the record carries the delta's own ``token``: an
   earlier write whose outcome was unknown did land;
+- fails only that request (not acknowledged) if another live writer is
+  recording the key, or if the store could not decide in time who holds it
+  (``KeyConflict.undecided``); an undecided delta stays queued with its
+  token for the next flush, so one slow key never fails the whole flush;
 
 and writes the rest again.  Only after the write succeeded is the delta added
 to the child's value in memory.  A failed write leaves the delta queued (its
@@ -218,20 +222,39 @@ class KeyedCommit:
             self._replies.setdefault(fut.get_loop(), []).append((fut, outcome))
 
     def _resolve_conflict(
-        self, f: _Flush, keys: list[str], pending: Sequence[str] = ()
+        self,
+        f: _Flush,
+        keys: list[str],
+        pending: Sequence[str] = (),
+        undecided: Sequence[str] = (),
     ) -> KeepcountError | None:
         if self._lookup is None:
             return StoreUnavailable("idempotency key conflict without a lookup")
         try:
-            found = self._lookup(keys)
+            found = self._lookup(keys) if keys else {}
         except KeepcountError as exc:
             return exc
         busy = set(pending)
+        later = set(undecided)
         with self._lock:
             keep = []
             for k in f.keyed:
                 record = found.get(k.key)
-                if k.key in busy:
+                if k.key in later:
+                    # The store could not tell in time who holds this key (this
+                    # node may): only this request fails, and the delta stays
+                    # queued with its token for the next flush, which finds
+                    # the key its own or learns who recorded it.
+                    self._answer(
+                        k,
+                        OutcomeUnknown(
+                            f"idempotency key {k.key!r}: the store could not decide in time who "
+                            "records it; not acknowledged yet (retry with the same key)"
+                        ),
+                        keep=True,
+                    )
+                    self._queued.append(k)
+                elif k.key in busy:
                     # Another live node is recording this key (a retry reached
                     # us while its first attempt was in flight there): only
                     # this request fails, not the flush; its retry learns how
@@ -270,7 +293,10 @@ class KeyedCommit:
             refusals = []
             for r in f.refusals:
                 record = found.get(r.record.key)
-                if r.record.key in busy:
+                if r.record.key in later:  # queued again, as an undecided delta
+                    self._settled(r, (SettleStatus.IN_FLIGHT, None), keep=True)
+                    self._queued_refusals.append(r)
+                elif r.record.key in busy:
                     self._settled(r, (SettleStatus.IN_FLIGHT, None))
                 elif record is None:
                     refusals.append(r)

@@ -24,7 +24,9 @@ from keepcount.cluster.cassandra import (
     CqlConnection,
     cassandra_home,
 )
+from keepcount.cluster.cassandra_config import WRITE_REQUEST_TIMEOUT
 from keepcount.cluster.processes import process_state
+from keepcount.cluster.supervisor import answer_timeout
 
 
 def make_table(cluster: CassandraCluster, keyspace: str) -> None:
@@ -70,6 +72,11 @@ def test_config_is_durable_and_tokens_split_the_ring(tmp_path: Path) -> None:
     node.write_config(cluster.settings)
     yaml = (node.conf_dir / "cassandra.yaml").read_text()
     assert "commitlog_sync: batch\n" in yaml and "periodic" not in yaml
+    assert "paxos_variant: v2\n" in yaml and "write_request_timeout: 2000ms\n" in yaml
+    # The balancer in front of keepcount nodes outwaits the store's write timeout.
+    assert answer_timeout(cluster.url_for("ks")) > WRITE_REQUEST_TIMEOUT == 2.0
+    assert answer_timeout("cassandra") > WRITE_REQUEST_TIMEOUT
+    assert answer_timeout(f"sqlite:///{tmp_path}/c.db") == 1.0
     assert "listen_address: 127.0.0.2\n" in yaml and "rpc_address: 127.0.0.2\n" in yaml
     assert f"'{tmp_path / 'node1' / 'commitlog'}'" in yaml
     group = CassandraCluster(tmp_path / "g", nodes=1, commitlog_sync="group")
@@ -99,11 +106,17 @@ def test_every_node_sees_all_three_up(cassandra_up: CassandraCluster) -> None:
             sync = cql.query(
                 "SELECT value FROM system_views.settings WHERE name = 'commitlog_sync'"
             )
+            # v1 stalled keyed increments for seconds after a replica's kill
+            # (docs/stores.md, "Paxos v2"; test_cassandra_replica_kill.py).
+            paxos = cql.query(
+                "SELECT value FROM system_views.settings WHERE name = 'paxos_variant'"
+            )
         assert local[0]["listen_address"] == node.host
         assert str(local[0]["release_version"]).startswith("5.0.")
         assert {p["peer"] for p in peers} == set(cassandra_up.hosts) - {node.host}
         assert {p["native_port"] for p in peers} == {cassandra_up.port}
         assert sync == [{"value": "batch"}]
+        assert paxos == [{"value": "v2"}]
     # Cassandra's own tool agrees: Up and Normal, all three.
     status = cassandra_up.nodetool(2, "status")
     assert sorted(line.split()[1] for line in status.splitlines() if line.startswith("UN ")) == (

@@ -11,6 +11,8 @@ import pytest
 import keepcount
 from keepcount import Fenced, IdempotencyKeyReused, OutcomeUnknown, Registry, StoreUnavailable
 from keepcount.errors import KeyConflict
+from keepcount.metrics import CounterChild
+from keepcount.settle import SettleStatus
 from keepcount.stores.base import FamilyDef, KeyRecord, SeriesRow
 from keepcount.stores.sqlite import SQLiteStore
 
@@ -264,6 +266,19 @@ class BusyKeyStore(SQLiteStore):
         super().write(node, epoch, families, series, keys)
 
 
+async def one_flush_of_three(reg: Registry, child: CounterChild, key: str) -> list[object]:
+    """Three increments in one flush: 1 under ``key`` (fingerprint "f"), 10
+    under another key, 100 without one; each one's receipt or error."""
+    return list(
+        await asyncio.gather(
+            reg.increment(child, 1, key=key, fingerprint="f"),
+            reg.increment(child, 10, key="k-other", fingerprint="g"),
+            reg.increment(child, 100),
+            return_exceptions=True,
+        )
+    )
+
+
 @pytest.mark.g2
 def test_a_key_being_recorded_elsewhere_fails_only_its_own_request(path: Path) -> None:
     store = BusyKeyStore(path)
@@ -271,19 +286,70 @@ def test_a_key_being_recorded_elsewhere_fails_only_its_own_request(path: Path) -
     reg = Registry(store, "node-1", flush_interval=None)
     try:
         child = reg.counter("c_total", "", ["k"]).labels("a")
-
-        async def main() -> list[object]:
-            return await asyncio.gather(
-                reg.increment(child, 1, key="k-busy", fingerprint="f"),
-                reg.increment(child, 10, key="k-other", fingerprint="g"),
-                reg.increment(child, 100),
-                return_exceptions=True,
-            )
-
-        busy, other, plain = asyncio.run(main())
+        busy, other, plain = asyncio.run(one_flush_of_three(reg, child, "k-busy"))
         assert isinstance(busy, OutcomeUnknown) and "another node" in str(busy)
         assert isinstance(other, keepcount.Receipt) and isinstance(plain, keepcount.Receipt)
         assert child.value == 110, "the flush went on without the busy key"
     finally:
         reg.close()
     assert durable(path) == {'["a"]': 110}
+
+
+class UndecidedKeyStore(SQLiteStore):
+    """A real SQLite store that cannot decide, once, who holds one key (what
+    the Cassandra store reports when that key's lightweight transaction, or
+    the read of its owner's record, timed out while a replica was dead and
+    not yet convicted): the write that carries it writes nothing."""
+
+    undecided = ""
+
+    def write(self, node: str, epoch: int, families: Sequence[FamilyDef],
+              series: Sequence[SeriesRow], keys: Sequence[KeyRecord] = ()) -> None:  # fmt: skip
+        if any(k.key == self.undecided for k in keys):
+            key, self.undecided = self.undecided, ""
+            raise KeyConflict("injected: owner undecided", undecided=[key])
+        super().write(node, epoch, families, series, keys)
+
+
+@pytest.mark.g2
+def test_an_undecided_key_fails_only_its_own_request_and_stays_queued(path: Path) -> None:
+    """The flush writes every other key; the undecided increment is not
+    acknowledged, stays queued with its token, and its retry on this node
+    is acknowledged by the next flush, counted once."""
+    store = UndecidedKeyStore(path)
+    store.undecided = "k-slow"
+    reg = Registry(store, "node-1", flush_interval=None)
+    try:
+        child = reg.counter("c_total", "", ["k"]).labels("a")
+        slow, other, plain = asyncio.run(one_flush_of_three(reg, child, "k-slow"))
+        assert isinstance(slow, OutcomeUnknown) and "could not decide" in str(slow)
+        assert isinstance(other, keepcount.Receipt) and isinstance(plain, keepcount.Receipt)
+        assert child.value == 110, "the flush went on without the undecided key"
+        assert durable(path) == {'["a"]': 110}
+
+        async def retry() -> keepcount.Receipt:
+            return await reg.increment(child, 1, key="k-slow", fingerprint="f")
+
+        first, again = asyncio.run(retry()), asyncio.run(retry())
+        assert (first.value, first.replayed) == (111, False)
+        assert (again.value, again.replayed) == (111, True)
+        assert child.value == 111
+    finally:
+        reg.close()
+    assert durable(path) == {'["a"]': 111}
+
+
+@pytest.mark.g2
+def test_an_undecided_refusal_is_in_flight_and_then_settled(path: Path) -> None:
+    """A settle whose refusal the store could not decide answers in_flight
+    and keeps the refusal queued; asking again writes it: not_applied."""
+    store = UndecidedKeyStore(path)
+    store.undecided = "k-gone"
+    reg = Registry(store, "node-1", flush_interval=None)
+    try:
+        first = asyncio.run(reg.settle_key("k-gone"))
+        second = asyncio.run(reg.settle_key("k-gone"))
+    finally:
+        reg.close()
+    assert first.status is SettleStatus.IN_FLIGHT
+    assert second.status is SettleStatus.NOT_APPLIED

@@ -31,6 +31,7 @@ from pathlib import Path
 __all__ = [
     "DEFAULT_HEAP_MB",
     "INSTALL_HINT",
+    "WRITE_REQUEST_TIMEOUT",
     "NodeSettings",
     "cassandra_home",
     "java_binary",
@@ -61,6 +62,12 @@ killed or paused node is marked DOWN after ~10 s instead of ~20-25 s, so
 tests of a lost replica do not wait half a minute; a false conviction still
 needs ~10 s without any gossip from a node, which a loaded machine does not
 produce."""
+
+WRITE_REQUEST_TIMEOUT = 2.0
+"""Seconds a coordinator waits for replicas before it answers a write or a
+lightweight transaction ``WriteTimeout`` (Cassandra's default, written
+explicitly: a load balancer in front of keepcount nodes must wait longer
+than this, ``keepcount.cluster.supervisor.answer_timeout``)."""
 
 GROUP_WINDOW_MS = 2
 """``commitlog_sync: group`` window: an acknowledged write waits at most this
@@ -237,8 +244,9 @@ def write_config(home_dir: Path, host: str, token: int, s: NodeSettings) -> None
     Only what differs from Cassandra 5.0's defaults: addresses and ports
     (loopback only), one token per node (precomputed: no token
     allocation, no bootstrap streaming), directories under the node's
-    own, a commitlog that syncs before it acknowledges (G1), and no
-    snapshots on drop/truncate (tests drop a keyspace each).
+    own, a commitlog that syncs before it acknowledges (G1), no
+    snapshots on drop/truncate (tests drop a keyspace each), and Paxos v2
+    for lightweight transactions.
     """
     d = home_dir
     conf_dir = home_dir / "conf"
@@ -279,6 +287,13 @@ def write_config(home_dir: Path, host: str, token: int, s: NodeSettings) -> None
         "concurrent_counter_writes: 8",
         "concurrent_compactors: 1",
         f"phi_convict_threshold: {PHI_CONVICT_THRESHOLD}",
+        f"write_request_timeout: {int(WRITE_REQUEST_TIMEOUT * 1000)}ms",
+        # Paxos v2 (Cassandra 4.1+): with v1, a lightweight transaction that
+        # lost a round waits for every participant, a dead replica not yet
+        # convicted included, for write_request_timeout (CASSANDRA-6013), and
+        # keyed increments stalled 5-11 s in 1 run of 4 after a replica's
+        # SIGKILL (docs/stores.md, "Paxos v2").
+        "paxos_variant: v2",
     ]
     conf_dir.mkdir(parents=True, exist_ok=True)
     (conf_dir / "cassandra.yaml").write_text("\n".join(yaml) + "\n")

@@ -44,6 +44,7 @@ from keepcount import httpclient
 from keepcount.cluster.balancer import Backend, LoadBalancer
 from keepcount.cluster.bigtable import BigtableEmulator
 from keepcount.cluster.cassandra import CassandraCluster
+from keepcount.cluster.cassandra_config import WRITE_REQUEST_TIMEOUT
 from keepcount.cluster.detector import FailureDetector
 from keepcount.cluster.etcd import EtcdCluster
 from keepcount.cluster.events import EVENTS_FILE, Event, EventLog, read_events
@@ -61,6 +62,7 @@ __all__ = [
     "Incarnation",
     "NodeState",
     "Supervisor",
+    "answer_timeout",
     "process_state",
     "read_events",
 ]
@@ -101,6 +103,28 @@ def holds_write_lock(pid: int, paths: list[Path]) -> bool:
         if (int(major, 16), int(minor, 16), int(inode)) in inodes:
             return True
     return False
+
+
+def answer_timeout(store: str) -> float:
+    """Seconds the load balancer waits for a node's answer before resending
+    the request (a keyed one) to another node: 1 s, so a paused node's
+    requests move on quickly, but never less than a flush may take while
+    the store waits out its own write timeout.
+
+    Cassandra answers a write (and a lightweight transaction) that a replica
+    did not acknowledge after ``write_request_timeout`` (2 s by default).
+    While a SIGKILLed replica is not yet convicted (~10 s), a contended
+    Paxos round waits that long for it; a balancer that gives up after 1 s
+    resends the flush's keyed requests while their first attempts still
+    run, the two attempts' rounds on each key contend, and each loser waits
+    2 s more: in issue 18's CI one acknowledgement waited 10.6 s.  So on
+    Cassandra the balancer waits 2.5 s; a paused node is still marked DOWN
+    by its health checks within ~1 s, so only the requests already in flight
+    to it wait longer.
+    """
+    if store == "cassandra" or store.startswith("cassandra://"):
+        return WRITE_REQUEST_TIMEOUT + 0.5
+    return 1.0
 
 
 class Supervisor:
@@ -311,10 +335,11 @@ class Supervisor:
         # requests (keyed ones are retried elsewhere) and mark it DOWN within
         # about a second, not the default 2-2.5 s during which every client
         # ends up waiting on it.  An increment is answered in milliseconds.
+        wait = answer_timeout(spec.store)
         opts: dict[str, Any] = (
-            {"server_timeout": 1.0, "check_timeout": 0.3}
+            {"server_timeout": wait, "check_timeout": 0.3}
             if spec.lb == "haproxy"
-            else {"read_timeout": 1.0, "send_timeout": 1.0}
+            else {"read_timeout": wait, "send_timeout": wait}
         )
         lb = make_balancer(
             spec.lb, spec.directory / spec.lb, (spec.host, spec.lb_port), backends, **opts

@@ -31,6 +31,7 @@ __all__ = [
     "Statements",
     "connect",
     "parse_url",
+    "paxos_variant",
     "translate",
 ]
 
@@ -125,6 +126,14 @@ def connect(
     try:
         session = cluster.connect()
         setup(session, url, ks, replication)
+        if paxos_variant(session) == "v1":
+            log.warning(
+                "store %s: this Cassandra runs Paxos v1 (paxos_variant: v1). Set "
+                "paxos_variant: v2 in cassandra.yaml (Cassandra 4.1+): with v1, keyed "
+                "increments can stall for seconds while a dead replica is not yet "
+                "convicted (docs/stores.md, 'Paxos v2')",
+                url,
+            )
         return cluster, session, Statements(session, ks)
     except BaseException as exc:
         cluster.shutdown()
@@ -185,6 +194,19 @@ def setup(session: Any, url: str, ks: str, replication: int | None) -> None:
             f"store {url}: format version {meta.get('format_version')}; "
             f"this keepcount reads version {FORMAT_VERSION}"
         )
+
+
+def paxos_variant(session: Any) -> str | None:
+    """The ``paxos_variant`` of the node answering (``v1``/``v2``), or None
+    if it does not say (a Cassandra before 4.1, or no access to
+    ``system_views``)."""
+    try:
+        row = session.execute(
+            "SELECT value FROM system_views.settings WHERE name = 'paxos_variant'"
+        ).one()
+    except Exception:  # only a hint: an old or locked-down server
+        return None
+    return None if row is None else str(row.value)
 
 
 def _retry_policy() -> Any:
