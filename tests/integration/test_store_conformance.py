@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -341,7 +342,10 @@ def test_an_expired_key_is_forgotten_and_replaced(store: Store) -> None:
     old = key("k1", expires=time.time() - 1)
     store.write("node-1", e, [C], [("c_total", '["a"]', 1, 1.0)], [old])
     assert store.lookup_key("k1") is None, "an expired key is not returned"
-    new = key("k1", fp="fp2")
+    # A new increment under the expired key: a new delta, so a new token.
+    # (With the old token, Cassandra's owner entry kept the old record's 1 s
+    # TTL, and the lookup found no owner when the test took over 1 s.)
+    new = replace(key("k1", fp="fp2"), token="token-k1-again")
     store.write("node-1", e, [C], [("c_total", '["a"]', 2, 1.0)], [new])
     assert store.lookup_key("k1") == new
 
