@@ -141,6 +141,10 @@ FORKER = textwrap.dedent(
     import os, sys, keepcount
     reg = keepcount.open(sys.argv[1], node="web-1", coordinator=sys.argv[2])
     jobs = reg.counter("jobs_total")
+
+    def say(*words):  # one write: lines of several processes never interleave
+        os.write(1, (" ".join(map(str, words)) + "\\n").encode())
+
     hold_r, hold_w = os.pipe()    # children hold their slots until it closes
     said_r, said_w = os.pipe()    # each child says it has its slot
     pids = []
@@ -151,9 +155,9 @@ FORKER = textwrap.dedent(
             jobs.inc(10)
             try:
                 reg.commit_sync()
-                print(reg.node, flush=True)
+                say(reg.node)
             except keepcount.KeepcountError as exc:
-                print("error", type(exc).__name__, exc, flush=True)
+                say("error", type(exc).__name__, exc)
             os.write(said_w, b".")
             os.read(hold_r, 1)    # EOF once the parent closes its end
             try:
@@ -168,8 +172,8 @@ FORKER = textwrap.dedent(
     os.close(hold_w)
     for pid in pids:
         assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-    print("parent-holds", reg._slot_lock is not None, flush=True)
-    print("total", [t.value for t in reg.host_totals("jobs_total")], flush=True)
+    say("parent-holds", reg._slot_lock is not None)
+    say("total", [t.value for t in reg.host_totals("jobs_total")])
     reg.close()
     """
 )
