@@ -142,7 +142,7 @@ class PowerLossState:
         self.last_write: tuple[int, int, bytes] | None = None  # (ino, offset, data), unsynced
         self.rnd = random.Random(seed)
         self.journal = journal  # see ``fsync``
-        self.counts = {"writes": 0, "fsyncs": 0, "dir_fsyncs": 0}
+        self.counts = {"writes": 0, "fsyncs": 0, "dir_fsyncs": 0, "withdrawn": 0}
 
     def get(self, ino: int) -> Inode:
         try:
@@ -461,11 +461,31 @@ async def _serve(state: PowerLossState, control: Path) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(control_loop)
         # One request task: with more, two can race from one "readable" to
-        # a blocking read of /dev/fuse, and the loser blocks the whole event
-        # loop (the control socket too) until the next request.  Handlers
-        # never await, so one task loses nothing.
-        await pyfuse3.main(min_tasks=1, max_tasks=1)  # returns once unmounted
+        # the read of /dev/fuse.  Handlers never await, so one task loses
+        # nothing.  Even one task can find nothing to read: a request whose
+        # process is SIGKILLed before the read is withdrawn by the kernel.
+        # A blocking read would then stall the whole event loop (the control
+        # socket too: a cut timed out in CI) until the next request, so the
+        # descriptor is non-blocking and that read fails with EAGAIN, which
+        # ends pyfuse3's loop: it is simply started again.
+        withdrawn = True
+        while withdrawn:
+            withdrawn = False
+            try:
+                await pyfuse3.main(min_tasks=1, max_tasks=1)  # returns once unmounted
+            except* BlockingIOError:
+                withdrawn = True
+                state.counts["withdrawn"] += 1  # reported by "stats" and "cut"
         nursery.cancel_scope.cancel()
+
+
+def _fuse_descriptor() -> int:
+    """This mount's /dev/fuse descriptor (pyfuse3 keeps it private)."""
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                return int(name)
+    raise RuntimeError("no /dev/fuse descriptor after pyfuse3.init")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -483,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     state = PowerLossState(Disk(args.disk), args.seed, journal=args.journal)
     options = set(pyfuse3.default_options) | {"fsname=powerfs", "subtype=powerfs"}
     pyfuse3.init(_operations(state), str(args.mountpoint), options)
+    os.set_blocking(_fuse_descriptor(), False)  # see _serve
     try:
         trio.run(_serve, state, args.control)
     except BaseException:

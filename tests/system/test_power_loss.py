@@ -76,6 +76,7 @@ class History:
     cuts: int = 0
     torn: int = 0
     unsynced_bytes: int = 0  # written but not synced when the power went: lost
+    withdrawn: int = 0  # FUSE requests withdrawn before the daemon read them (powerfs_daemon)
 
     def check(self, node: str, restored: dict[str, tuple[int, int]], when: str) -> None:
         """``restored`` within the bounds and not behind what was seen before."""
@@ -144,6 +145,7 @@ def power_round(fs: PowerLossFS, url: str, nodes: list[str], hist: History,
     hist.cuts += 1
     hist.torn += report["torn"] is not None
     hist.unsynced_bytes += report["unsynced_bytes"]
+    hist.withdrawn += report["withdrawn"]
 
 
 def final_check(url: str, hist: History) -> dict[str, int]:
@@ -179,7 +181,7 @@ def test_power_cuts_never_lose_an_acknowledged_increment(
     print(f"seed {seed}: {hist.cuts} cuts ({hist.torn} torn writes, {hist.unsynced_bytes} "
           f"unsynced bytes lost) in {time.monotonic() - started:.1f} s; {processes} process(es), "
           f"acked {acked}, attempted {tried}, stored {sum(totals.values())}; "
-          f"lost 0, doubled 0, decreased 0")  # fmt: skip
+          f"lost 0, doubled 0, decreased 0; {hist.withdrawn} FUSE requests withdrawn")  # fmt: skip
 
 
 @pytest.mark.slow
