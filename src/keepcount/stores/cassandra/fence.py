@@ -90,6 +90,7 @@ __all__ = [
     "CHUNK_SERIES",
     "CLOCK",
     "DEF",
+    "FENCE_COLUMNS",
     "KEYS",
     "FenceStatements",
     "View",
@@ -171,28 +172,31 @@ class FenceStatements:
             statement.is_idempotent = True
 
 
-_COLUMNS = {
+FENCE_COLUMNS = {
     "chunk": "blob",
     "fence": "bigint static",
     "parts": "int static",
     "version": "bigint static",
 }
+"""The fence's columns of ``node_rows`` (format 2): in a new store's table,
+added to a format 1 one by ``ensure_schema``."""
 
 
-def ensure_schema(session: Any, ks: str) -> None:
+def ensure_schema(run: Callable[..., Any], ks: str) -> None:
     """Add the fence's columns to ``node_rows`` where they are missing (a
-    store created before them, or a new one)."""
-    rows = session.execute(
+    store of format 1, created before them); ``run`` runs a statement on
+    the node that makes the schema changes (``session._on_schema_node``)."""
+    rows = run(
         "SELECT column_name FROM system_schema.columns "
         "WHERE keyspace_name = %s AND table_name = 'node_rows'",
         (ks,),
     )
     have = {r.column_name for r in rows}
-    for column, kind in _COLUMNS.items():
+    for column, kind in FENCE_COLUMNS.items():
         if column in have:
             continue
         try:
-            session.execute(f"ALTER TABLE {ks}.node_rows ADD {column} {kind}")
+            run(f"ALTER TABLE {ks}.node_rows ADD {column} {kind}")
         except Exception as exc:  # another process added it first
             if "conflicts with an existing column" not in str(exc) and "already" not in str(exc):
                 raise

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,7 +23,7 @@ from keepcount.errors import (
     StoreUnavailable,
 )
 from keepcount.stores.cassandra.driver_clock import use_monotonic_clock
-from keepcount.stores.cassandra.fence import ensure_schema
+from keepcount.stores.cassandra.fence import FENCE_COLUMNS, ensure_schema
 
 __all__ = [
     "DEFAULT_PORT",
@@ -43,6 +45,9 @@ checkpoint's ``chunk``).  A store of format 1 is upgraded when opened: its
 partitions have no fence, and the read rule counts every cell of those."""
 DEFAULT_PORT = 9042
 DEFAULT_REPLICATION = 3
+SCHEMA_AGREEMENT_WAIT = 10.0
+"""Seconds a new store's tables may take to reach every live node (the
+driver's default wait, after each change)."""
 REQUEST_TIMEOUT = 10.0
 """Client-side seconds per request; the server's own write timeout (2 s by
 default) answers first, as a ``WriteTimeout``: outcome unknown."""
@@ -146,13 +151,51 @@ def setup(session: Any, url: str, ks: str, replication: int | None) -> None:
     """Create keyspace ``ks`` and its tables if missing (``replication``
     None: RF=3, or the cluster's size if smaller) and check that it is a
     keepcount store of this ``FORMAT_VERSION`` (``CorruptStore`` if not)."""
-    s = session
-    existing = s.execute(
+    with _on_schema_node(session) as run:
+        _create(run, ks, replication)
+    _check_format(session, url, ks)
+
+
+Run = Callable[..., Any]
+"""``run(statement, parameters=None)``: its result, from the schema node."""
+
+
+@contextmanager
+def _on_schema_node(session: Any) -> Iterator[Run]:
+    """A ``Run`` for schema changes and the reads they depend on: all on one
+    node, and one wait for every live node to agree on the changes, at the
+    end.  The driver waits after each change (~1 s on a local cluster: the
+    nodes tell each other their schema versions by gossip), and a new store
+    makes five: it took 10-11 s to open, now ~2 s.  Each change finds the
+    ones before it on that node, which pushes them to the others.  The node:
+    the lowest address the session has connections to (right after connecting
+    it may not have them to all), so processes opening a new store at once
+    mostly send their ``IF NOT EXISTS`` changes to one node, which applies
+    them one at a time."""
+    cluster = session.cluster
+    pooled = [h for h in session.get_pool_state() if h.is_up]
+    host = min(pooled, key=lambda h: str(h.endpoint)) if pooled else None
+    waited, cluster.max_schema_agreement_wait = cluster.max_schema_agreement_wait, 0
+
+    def run(statement: str, parameters: Any = None) -> Any:
+        return session.execute(statement, parameters, host=host)
+
+    try:
+        yield run
+    finally:
+        cluster.max_schema_agreement_wait = waited
+    # One query when they agree already (a store that existed: no change).
+    if not cluster.control_connection.wait_for_schema_agreement(wait_time=SCHEMA_AGREEMENT_WAIT):
+        log.warning("the nodes did not agree on keepcount's tables within %.0f s", waited)
+
+
+def _create(run: Run, ks: str, replication: int | None) -> None:
+    existing = run(
         "SELECT keyspace_name FROM system_schema.keyspaces WHERE keyspace_name = %s", (ks,)
     ).one()
     if existing is None:
         if replication is None:
-            peers = len(list(s.execute("SELECT peer FROM system.peers")))
+            peers = len(list(run("SELECT peer FROM system.peers")))
             replication = min(DEFAULT_REPLICATION, peers + 1)
         if replication < DEFAULT_REPLICATION:
             log.warning(
@@ -160,13 +203,17 @@ def setup(session: Any, url: str, ks: str, replication: int | None) -> None:
                 "acknowledged increments survive the loss of a node only with RF=3",
                 ks, replication, replication,
             )  # fmt: skip
-        s.execute(
+        run(
             f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = "
             f"{{'class': 'SimpleStrategy', 'replication_factor': {replication}}}"
         )
     for stmt in _SCHEMA:
-        s.execute(stmt.format(ks=ks))
-    ensure_schema(s, ks)
+        run(stmt.format(ks=ks))
+    ensure_schema(run, ks)
+
+
+def _check_format(session: Any, url: str, ks: str) -> None:
+    s = session
     meta = dict(s.execute(f"SELECT name, val FROM {ks}.meta"))
     if "format" not in meta or "format_version" not in meta:
         # A new store: marked with lightweight transactions, so concurrent
@@ -337,7 +384,10 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS {ks}.node_rows (node text, name text, labels text, ival bigint, "
     "sval text, created double, kind text, help text, labelnames text, buckets text, "
     "fingerprint text, result text, key_token text, expires double, "
-    "PRIMARY KEY (node, name, labels))" + _CHECKED + " AND speculative_retry = 'ALWAYS'",
+    + "".join(f"{column} {kind}, " for column, kind in FENCE_COLUMNS.items())
+    + "PRIMARY KEY (node, name, labels))"
+    + _CHECKED
+    + " AND speculative_retry = 'ALWAYS'",
     "CREATE TABLE IF NOT EXISTS {ks}.key_owner (idem_key text PRIMARY KEY, node text, "
     "incarnation bigint, key_token text)" + _CHECKED,
 )
