@@ -55,6 +55,8 @@ def test_bench_all_quick_reports_every_benchmark(tmp_path: Path) -> None:
             assert c["ratio"] > 0 or (counted and c["ratio"] == 0), where
             assert c["peer_name"], where
             assert c["met"] in (True, False, None), where
+    cassandra = {c["measure"]: c for c in doc["benchmarks"]["cassandra"]["comparisons"]}
+    assert len(cassandra["open a new store"]["detail"]["ours"]) == 2  # --quick: 2 each
 
 
 def test_bench_durable_reports_group_commit(tmp_path: Path) -> None:

@@ -14,7 +14,13 @@ started for the run:
 - **restore of 100k counters** (10k with ``--quick``): ``keepcount.open`` —
   the claim, which re-asserts the whole partition (read at QUORUM, write it
   all again at the new incarnation's timestamp, then a tombstone), and the
-  load — against a bare QUORUM read of the same partition.
+  load — against a bare QUORUM read of the same partition;
+- **a new store**: ``keepcount.open`` of a keyspace that does not exist yet
+  (keepcount creates it and its tables: every change on one node, one wait
+  for the nodes to agree) against the same keyspace and tables created
+  statement by statement through a driver session with its defaults (a wait
+  for agreement after each change), alternately on keyspaces of their own,
+  ``repeats`` times each.
 
 Afterwards the stored total is read back: it must equal the acknowledged
 increments.
@@ -50,7 +56,7 @@ def run(settings: Settings, report: Report) -> BenchResult:
     nodes = 1 if settings.quick else 3
     restore_n = 10_000 if settings.quick else 100_000
     repeats = 2 if settings.quick else 3
-    steps = 2 * repeats + 4
+    steps = 2 * repeats + 5
     result = BenchResult(
         "cassandra", f"Cassandra store ({nodes} node{'s' * (nodes > 1)}, QUORUM) vs counter columns"
     )
@@ -68,6 +74,8 @@ def run(settings: Settings, report: Report) -> BenchResult:
             durable = _durable(url, settings.duration, repeats, report, steps)
             report(steps - 2, steps, f"cassandra: restore of {restore_n:,} counters")
             restore = cassandra_scale.restore(url, restore_n)
+            report(steps - 1, steps, "cassandra: new stores vs their tables through the driver")
+            created = _new_stores(cluster.url_for, repeats)
         finally:
             cluster.stop()
     ours, peer, flushes, acked = durable
@@ -97,6 +105,7 @@ def run(settings: Settings, report: Report) -> BenchResult:
             "bare QUORUM read of the partition", None, restore,
             f"restore_seconds {restore['restore_seconds']:.2f} s",
         ),
+        _new_store_comparison(created),
     ]  # fmt: skip
     result.notes = {
         "cassandra_nodes": nodes,
@@ -212,3 +221,55 @@ def _stats(latencies: list[float], duration: float) -> tuple[float, float, float
         percentile(latencies, 50) * 1e3,
         percentile(latencies, 99) * 1e3,
     )
+
+
+# -- a new store -------------------------------------------------------------------
+
+
+def _new_stores(url: Callable[[str], str], samples: int) -> dict[str, list[float]]:
+    """Alternately: ``keepcount.open`` of a new keyspace, and the same
+    keyspace and tables created through a driver session with its defaults."""
+    from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+    from cassandra.policies import RoundRobinPolicy
+
+    from keepcount.stores.cassandra.session import SCHEMA, parse_url
+
+    ours: list[float] = []
+    peer: list[float] = []
+    tag = uuid.uuid4().hex[:8]
+    hosts, _ = parse_url(url("x"))
+    profile = ExecutionProfile(load_balancing_policy=RoundRobinPolicy())
+    client = Cluster(
+        contact_points=[h for h, _ in hosts], port=hosts[0][1], protocol_version=5,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+    )  # fmt: skip
+    try:
+        session = client.connect()
+        rf = min(3, len(hosts))
+        for i in range(samples):
+            started = time.perf_counter()
+            reg = keepcount.open(url(f"bench_new_{tag}_{i}"), node="new", flush_interval=None)
+            ours.append(time.perf_counter() - started)
+            reg.close()
+            ks = parse_url(url(f"bench_bare_{tag}_{i}"))[1]
+            started = time.perf_counter()
+            session.execute(
+                f"CREATE KEYSPACE {ks} WITH replication = "
+                f"{{'class': 'SimpleStrategy', 'replication_factor': {rf}}}"
+            )
+            for statement in SCHEMA:
+                session.execute(statement.format(ks=ks))
+            peer.append(time.perf_counter() - started)
+    finally:
+        client.shutdown()
+    return {"ours": ours, "peer": peer}
+
+
+def _new_store_comparison(created: dict[str, list[float]]) -> Comparison:
+    ours, peer = created["ours"], created["peer"]
+    return Comparison(
+        "open a new store", "s", median(ours), median(peer),
+        "its keyspace and tables created through the driver, a wait for agreement after each",
+        None, {"ours": ours, "peer": peer},
+        "keepcount.open: connect, create, claim, restore (nothing)",
+    )  # fmt: skip

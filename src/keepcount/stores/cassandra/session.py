@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_REPLICATION",
     "FORMAT_VERSION",
     "REQUEST_TIMEOUT",
+    "SCHEMA",
     "Statements",
     "connect",
     "parse_url",
@@ -207,7 +208,7 @@ def _create(run: Run, ks: str, replication: int | None) -> None:
             f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = "
             f"{{'class': 'SimpleStrategy', 'replication_factor': {replication}}}"
         )
-    for stmt in _SCHEMA:
+    for stmt in SCHEMA:
         run(stmt.format(ks=ks))
     ensure_schema(run, ks)
 
@@ -377,7 +378,7 @@ _CHECKED = (
     " WITH compression = {{'class': 'LZ4Compressor', 'chunk_length_in_kb': 16}}"
     " AND crc_check_chance = 1.0"
 )
-_SCHEMA = (
+SCHEMA = (
     "CREATE TABLE IF NOT EXISTS {ks}.meta (name text PRIMARY KEY, val text)" + _CHECKED,
     "CREATE TABLE IF NOT EXISTS {ks}.nodes (node text PRIMARY KEY, epoch bigint, "
     "incarnation bigint, claimed_at double, released_at double, pid int, host text)" + _CHECKED,
