@@ -187,7 +187,9 @@ def _on_schema_node(session: Any) -> Iterator[Run]:
         cluster.max_schema_agreement_wait = waited
     # One query when they agree already (a store that existed: no change).
     if not cluster.control_connection.wait_for_schema_agreement(wait_time=SCHEMA_AGREEMENT_WAIT):
-        log.warning("the nodes did not agree on keepcount's tables within %.0f s", waited)
+        log.warning(
+            "the nodes did not agree on keepcount's tables within %.0f s", SCHEMA_AGREEMENT_WAIT
+        )
 
 
 def _create(run: Run, ks: str, replication: int | None) -> None:
