@@ -232,7 +232,12 @@ def _new_stores(url: Callable[[str], str], samples: int) -> dict[str, list[float
     from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
     from cassandra.policies import RoundRobinPolicy
 
-    from keepcount.stores.cassandra.session import SCHEMA, parse_url
+    from keepcount.stores.cassandra.session import (
+        DEFAULT_REPLICATION,
+        KEYSPACE,
+        SCHEMA,
+        parse_url,
+    )
 
     ours: list[float] = []
     peer: list[float] = []
@@ -245,7 +250,7 @@ def _new_stores(url: Callable[[str], str], samples: int) -> dict[str, list[float
     )  # fmt: skip
     try:
         session = client.connect()
-        rf = min(3, len(hosts))
+        rf = min(DEFAULT_REPLICATION, len(hosts))
         for i in range(samples):
             started = time.perf_counter()
             reg = keepcount.open(url(f"bench_new_{tag}_{i}"), node="new", flush_interval=None)
@@ -253,10 +258,7 @@ def _new_stores(url: Callable[[str], str], samples: int) -> dict[str, list[float
             reg.close()
             ks = parse_url(url(f"bench_bare_{tag}_{i}"))[1]
             started = time.perf_counter()
-            session.execute(
-                f"CREATE KEYSPACE {ks} WITH replication = "
-                f"{{'class': 'SimpleStrategy', 'replication_factor': {rf}}}"
-            )
+            session.execute(KEYSPACE.format(ks=ks, rf=rf))
             for statement in SCHEMA:
                 session.execute(statement.format(ks=ks))
             peer.append(time.perf_counter() - started)

@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_PORT",
     "DEFAULT_REPLICATION",
     "FORMAT_VERSION",
+    "KEYSPACE",
     "REQUEST_TIMEOUT",
     "SCHEMA",
     "Statements",
@@ -187,7 +188,7 @@ def _on_schema_node(session: Any, ks: str) -> Iterator[Run]:
         yield run
     finally:
         cluster.max_schema_agreement_wait = waited
-    _wait_for_schema(session, ks, _columns(run, ks))
+    _wait_for_schema(session, ks, _columns(run, ks), host)
 
 
 def _columns(run: Run, ks: str) -> set[tuple[str, str]]:
@@ -199,15 +200,17 @@ def _columns(run: Run, ks: str) -> set[tuple[str, str]]:
     return {(r.table_name, r.column_name) for r in rows}
 
 
-def _wait_for_schema(session: Any, ks: str, columns: set[tuple[str, str]]) -> None:
-    """Return once every node up has ``columns`` (the schema node's, with
-    every change), asking each node itself: the driver's own check compares
+def _wait_for_schema(
+    session: Any, ks: str, columns: set[tuple[str, str]], schema_node: Any
+) -> None:
+    """Return once every other node up has ``columns`` (``schema_node``'s,
+    with every change), asking each node itself: the driver's own check compares
     the schema versions one node has heard by gossip, which can agree on the
     version before the last change (a CI run then found a table missing on
     one node).  A warning after ``SCHEMA_AGREEMENT_WAIT`` seconds, and the
     store opens anyway, as after the driver's check."""
     deadline = time.monotonic() + SCHEMA_AGREEMENT_WAIT
-    for host in [h for h in session.cluster.metadata.all_hosts() if h.is_up]:
+    for host in [h for h in session.cluster.metadata.all_hosts() if h.is_up and h != schema_node]:
 
         def ask(statement: str, parameters: Any = None, host: Any = host) -> Any:
             return session.execute(statement, parameters, host=host, timeout=1.0)
@@ -241,10 +244,7 @@ def _create(run: Run, ks: str, replication: int | None) -> None:
                 "acknowledged increments survive the loss of a node only with RF=3",
                 ks, replication, replication,
             )  # fmt: skip
-        run(
-            f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = "
-            f"{{'class': 'SimpleStrategy', 'replication_factor': {replication}}}"
-        )
+        run(KEYSPACE.format(ks=ks, rf=replication))
     for stmt in SCHEMA:
         run(stmt.format(ks=ks))
     ensure_schema(run, ks)
@@ -414,6 +414,10 @@ class Statements:
 _CHECKED = (
     " WITH compression = {{'class': 'LZ4Compressor', 'chunk_length_in_kb': 16}}"
     " AND crc_check_chance = 1.0"
+)
+KEYSPACE = (
+    "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = "
+    "{{'class': 'SimpleStrategy', 'replication_factor': {rf}}}"
 )
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS {ks}.meta (name text PRIMARY KEY, val text)" + _CHECKED,
